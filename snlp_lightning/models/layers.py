@@ -1,0 +1,62 @@
+"""Stateless building blocks: RMS norm, rotary embeddings, causal attention with per-head windows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Parameter-free RMS norm over the last axis."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin tables of shape (max_len, head_dim // 2), float64 (cast at use)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split rotation. x: (..., T, H, hd); cos, sin: (T, hd // 2)."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def window_mask(windows: Tensor, t_query: int, t_key: int, q_offset: int, device) -> Tensor:
+    """Boolean attention mask, True = may attend.
+
+    Keys sit at positions 0 .. t_key - 1, queries at q_offset .. q_offset + t_query - 1.
+    windows: (G, H) left window per group and head (query i sees keys i - w .. i).
+    Returns (G, 1, H, t_query, t_key), broadcastable over the batch axis.
+    """
+    q_pos = torch.arange(q_offset, q_offset + t_query, device=device)
+    k_pos = torch.arange(t_key, device=device)
+    dist = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+    allowed = (dist >= 0)[None, None] & (dist[None, None] <= windows.to(device)[:, :, None, None])
+    return allowed[:, None]
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: tuple[tuple[int, ...], ...], q_offset: int = 0) -> Tensor:
+    """Grouped-query causal attention, batched over G independent (possibly fused) blocks.
+
+    q: (G, B, Hq, Tq, hd) at positions q_offset .. q_offset + Tq - 1; k, v: (G, B, Hkv, Tk, hd) at
+    positions 0 .. Tk - 1. Query head h reads kv head h // (Hq / Hkv). windows: G rows of Hq
+    per-head left windows (Python ints, so the mask decision is static under torch.compile).
+    Returns (G, B, Hq, Tq, hd). SDPA's default scale 1 / sqrt(hd).
+    """
+    rep = q.size(2) // k.size(2)
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=2)
+        v = v.repeat_interleave(rep, dim=2)
+    t_query, t_key = q.size(3), k.size(3)
+    span = q_offset + t_query - 1  # the largest query-key distance that causality allows
+    if q_offset == 0 and t_query == t_key and min(min(row) for row in windows) >= span:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = window_mask(torch.tensor(windows), t_query, t_key, q_offset, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,147 @@
+"""Import and export of nanochat / nanochat-SNLP checkpoints.
+
+A nanochat checkpoint is a state dict (``model_000100.pt``, keys such as ``transformer.h.0.attn.c_q.weight``,
+maybe prefixed ``_orig_mod.`` by torch.compile) plus a config (``meta_000100.json`` -> "model_config").
+Our module names equal nanochat's, so the mapping is: strip prefixes, drop the MTP heads (they do
+not change the logits), pad the vocabulary rows to a multiple of 64 if needed, check every key and
+shape, load. Config fields we add (smear, backout, mhc_variant, short_window, ...) may be present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, ModelConfig
+from .gpt import GPT
+
+# nanochat GPTConfig fields that do not change the logits of the base model.
+IGNORED_CONFIG_FIELDS = ("num_mtp_steps", "mtp_loss_weight")
+IGNORED_KEY_PREFIXES = ("mtp_projs.",)
+VOCAB_ROW_KEYS = ("transformer.wte.weight", "lm_head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message names the file or keys."""
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def config_from_nanochat(fields: Mapping) -> ModelConfig:
+    """nanochat's GPTConfig dict (plus our extension fields) -> ModelConfig."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {k: v for k, v in fields.items() if k not in IGNORED_CONFIG_FIELDS}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown model config field(s) {unknown}; allowed: {sorted(known)}")
+    # nanochat's own model always has smear and backout; its mHC is the static variant.
+    fields = {"smear": True, "backout": True, "mhc_variant": "static", **fields}
+    return ModelConfig(**fields)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """A model_*.pt file (meta_*.json beside it) or a folder holding one -> (state dict, config)."""
+    if path.is_dir():
+        candidates = sorted(path.glob("model_*.pt"))
+        if not candidates:
+            raise CheckpointError(f"no model_*.pt checkpoint in {path}")
+        path = candidates[-1]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    meta = path.with_name(path.name.replace("model_", "meta_", 1)).with_suffix(".json")
+    if not meta.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {meta.name} beside it (needed for the model config)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        config = json.loads(meta.read_text())["model_config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta} is not a nanochat meta file with a 'model_config' entry ({err})") from None
+    return dict(state), config
+
+
+def load_nanochat(source: Mapping | str | os.PathLike, config: Mapping | ModelConfig | None = None) -> GPT:
+    """Build our model from a nanochat state dict + config, or from a checkpoint path.
+
+    The result gives the same logits as the original (vocab padded to a multiple of 64, logits
+    cropped to ``vocab_size``). Raises CheckpointError listing unknown / missing keys or bad shapes.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        state, file_config = _read_checkpoint(Path(source))
+        config = config if config is not None else file_config
+    else:
+        state = dict(source)
+        if config is None:
+            raise CheckpointError("a state dict needs its model config (nanochat's GPTConfig fields)")
+    cfg = config if isinstance(config, ModelConfig) else config_from_nanochat(config)
+    model = GPT(cfg)
+    expected = model.state_dict()
+
+    cleaned: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = key.replace("_orig_mod.", "")
+        if name.startswith(IGNORED_KEY_PREFIXES):
+            continue
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
+        cleaned[name] = value
+    missing = sorted(set(expected) - set(cleaned))
+    unknown = sorted(set(cleaned) - set(expected))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unknown:
+            parts.append(f"unknown keys: {_listing(unknown)}")
+        raise CheckpointError(f"checkpoint does not match {cfg.n_layer}-layer config ({'; '.join(parts)})")
+
+    for name, value in cleaned.items():
+        want = expected[name].shape
+        if value.shape != want and _is_vocab_table(name) and value.dim() == 2 and value.size(0) == cfg.vocab_size:
+            value = torch.cat([value, value.new_zeros(want[0] - value.size(0), value.size(1))])
+        if value.shape != want:
+            raise CheckpointError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, the config needs {tuple(want)}")
+        cleaned[name] = value.to(expected[name].dtype)
+    model.load_state_dict(cleaned, strict=True)
+    return model
+
+
+def _is_vocab_table(name: str) -> bool:
+    return name in VOCAB_ROW_KEYS or (name.startswith("value_embeds.") and name.endswith(".weight"))
+
+
+def export_nanochat(model: GPT) -> tuple[dict[str, Tensor], dict]:
+    """(state dict in nanochat's layout, nanochat-style config dict incl. our extension fields)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, dataclasses.asdict(model.config)
+
+
+def save_nanochat(model: GPT, folder: str | os.PathLike, step: int = 0) -> Path:
+    """Write model_{step:06d}.pt and meta_{step:06d}.json atomically (temp file + rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, config = export_nanochat(model)
+    target = folder / f"model_{step:06d}.pt"
+    for path, write in (
+        (folder / f"meta_{step:06d}.json", lambda f: f.write(json.dumps({"step": step, "model_config": config}, indent=2).encode())),
+        (target, lambda f: torch.save(state, f)),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    return target
