@@ -22,6 +22,7 @@ MHC = make_config("mhc", n_layer=32, n_embd=64, n_head=2, n_kv_head=2)
         ("jacobi:n4:K4", dict(method="fixed", n_par=4)),
         ("diagn:n8:K1:probes=4:est=vjp:eps=0.001", dict(probes=4, estimator="vjp", eps=0.001)),
         ("idn:n12:2xF6:K1:avg", dict(average_branches=True, chunks=2, fuse=6)),
+        ("idn:n24:F6:K2", dict(n_par=24, chunks=4, fuse=6)),
         ("seq", dict(method="seq", n_par=0)),
         ("seq:n24:4xF6", dict(method="seq", n_par=24, chunks=4, fuse=6)),
     ],
@@ -38,6 +39,11 @@ def test_canonical_form():
     assert str(SolverPlan.parse("hcn:n16:16xF1:K1")) == "hcn:n16:K1:h0"
 
 
+def test_describe():
+    text = SolverPlan.parse("idn:n24:4xF6:K2").describe(32)
+    assert text == "8 sequential blocks, then 4 chunk(s) of 6 fused block(s), 2 idn iteration(s) from h_init; ideal speedup 3.20x"
+
+
 def test_ideal_speedup_matches_the_spec_example():
     plan = SolverPlan.parse("idn:n24:K2")
     assert plan.ideal_speedup(32) == pytest.approx(3.2)
@@ -51,6 +57,7 @@ def test_ideal_speedup_matches_the_spec_example():
     [
         ("idn:n40:K2", L32, r"N=40 parallel blocks but the model has L=32; N must be <= L"),
         ("idn:n24:5xF5:K2", L32, r"5xF5 does not split N=24; N must be a multiple of M"),
+        ("idn:n24:F5:K2", L32, r"N=24 is not a multiple of M=5; N must be a multiple of M"),
         ("idn:n24:K0", L32, r"K=0; K must be >= 1"),
         ("hcn:n16:K1", L32, r"method 'hcn' needs an mHC model \(use_mhc=True\)"),
         ("newtonish:n8:K1", L32, r"unknown method 'newtonish' in plan 'newtonish:n8:K1'; allowed: seq, fixed, idn, hcn"),

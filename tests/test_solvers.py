@@ -170,3 +170,18 @@ def test_float32_k_equals_c_is_exact_to_float_precision():
     model = tiny_model("mhc", dtype=torch.float32)
     idx = tokens()
     assert (snlp_forward(model, idx, "hcn:n6:K6") - model(idx)).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_cuda_bf16_solvers_track_the_sequential_model(preset):
+    model = tiny_model(preset, dtype=torch.float32).cuda()
+    idx = tokens().cuda()
+    exact = snlp_forward(model, idx, "idn:n6:K6")
+    assert (exact - model(idx)).abs().max() < 1e-4
+    model = model.to(torch.bfloat16)
+    reference = model(idx)
+    for plan in ("idn:n6:K6", "diagn:n4:K4", "idn:n6:3xF2:K3"):
+        out = snlp_forward(model, idx, plan, generator=seeded())
+        assert out.dtype == torch.float32 and out.device.type == "cuda"
+        if plan == "idn:n6:K6":
+            assert (out - reference).abs().max() < 0.1

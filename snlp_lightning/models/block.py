@@ -1,15 +1,23 @@
 """The per-layer parameter modules. Names match nanochat's state dict, so checkpoints map 1:1.
 
-The blocks hold parameters only: every block computation goes through ``stack.wide_block_forward``,
-which evaluates G blocks (or G fused chunks) in one batched call; a single block is G = 1, M = 1.
+Every block computation goes through ``stack.wide_block_forward``, which evaluates G blocks (or G
+fused chunks) in one batched call; ``Block.forward`` is that call with G = 1, M = 1 (views, no
+copies). Going through the block's own ``__call__`` keeps module hooks working (FSDP unshards a
+wrapped block's parameters in its forward pre-hook).
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .mhc import DynamicHyperConnection, StaticHyperConnection
+
+if TYPE_CHECKING:
+    from .gpt import GPT
+    from .stack import BlockInputs
 
 VE_GATE_CHANNELS = 12
 
@@ -54,3 +62,13 @@ class Block(nn.Module):
             else:
                 self.hc_attn = DynamicHyperConnection(n, cfg.n_embd, streams[0])
                 self.hc_mlp = DynamicHyperConnection(n, cfg.n_embd, streams[1])
+
+    def forward(self, h: Tensor, inputs: "BlockInputs", model: "GPT") -> tuple[Tensor, Tensor | None]:
+        """h: (B, T, n, D) -> (block output, surrogate Jacobian (b, t, n, n) for mHC, None = identity).
+
+        ``model`` supplies the config and the root-level per-layer scalars (resid / x0 lambdas).
+        """
+        from .stack import stack_blocks, wide_block_forward
+
+        out, surrogate = wide_block_forward(stack_blocks(model, [[self.layer]]), h.unsqueeze(0), inputs)
+        return out.squeeze(0), None if surrogate is None else surrogate.squeeze(0)

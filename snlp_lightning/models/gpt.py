@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .block import Block
 from .layers import rms_norm, rotary_tables
-from .stack import BlockInputs, WideBlocks, stack_blocks, wide_block_forward
+from .stack import BlockInputs, WideBlocks, stack_blocks
 
 SMEAR_CHANNELS = 24
 
@@ -108,9 +108,8 @@ class GPT(nn.Module):
         return stack_blocks(self, groups, average_branches)
 
     def block(self, layer: int, h: Tensor, inputs: BlockInputs) -> tuple[Tensor, Tensor | None]:
-        """Block ``layer`` on h (B, T, n, D) -> (its output, its surrogate Jacobian or None)."""
-        out, surrogate = wide_block_forward(self.stack([[layer]]), h.unsqueeze(0), inputs)
-        return out.squeeze(0), None if surrogate is None else surrogate.squeeze(0)
+        """Block ``layer`` on h (B, T, n, D) -> (its output, its surrogate Jacobian; None = identity)."""
+        return self.transformer.h[layer](h, inputs, self)
 
     def head(self, h_last: Tensor, h_backout: Tensor | None) -> Tensor:
         """h_last: (B, T, n, D) output of the last block; h_backout: output of block L // 2.

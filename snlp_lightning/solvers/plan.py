@@ -8,7 +8,7 @@ Notation (spec section 2; options after K may come in any order):
 
     METHOD  fixed | idn | hcn | diagn | damped | newton
     nN      N parallel blocks (the last N; S = L - N run sequentially first)
-    CxFM    C chunks of M fused blocks, C * M = N; omitted = NxF1 (no fusion)
+    CxFM    C chunks of M fused blocks, C * M = N (or FM alone: C = N / M); omitted = NxF1
     KK      K >= 1 parallel iterations
     INIT    h0 (default: every iterate starts at h_init) | batch_fwd (one extra batched call)
     OPTION  kappa=0.5 (damped) | probes=2, eps=0.01, est=fd|vjp (diagn) | avg (fused branches / M)
@@ -78,6 +78,9 @@ class SolverPlan:
             elif m := re.fullmatch(r"(\d+)xF(\d+)", token, flags=re.IGNORECASE):
                 once("fusion", token)
                 fields["chunks"], fields["fuse"] = int(m[1]), int(m[2])
+            elif m := re.fullmatch(r"F(\d+)", token, flags=re.IGNORECASE):
+                once("fusion", token)  # FM alone: C = N / M, checked below
+                fields["fuse"] = int(m[1])
             elif m := re.fullmatch(r"K(-?\d+)", token, flags=re.IGNORECASE):
                 once("K", token)
                 fields["iters"] = int(m[1])
@@ -110,8 +113,11 @@ class SolverPlan:
             for key, example in (("n", "n8"), ("K", "K2")):
                 if key not in seen:
                     raise PlanError(f"plan {raw!r} lacks {key} (e.g. {example}); expected {NOTATION}")
-        if "n" in seen and "fusion" not in seen:
-            fields["chunks"], fields["fuse"] = fields["n_par"], 1
+        if "n" in seen and "chunks" not in fields:
+            fuse = fields.get("fuse", 1)
+            if fuse < 1 or fields["n_par"] % fuse:
+                raise PlanError(f"plan {raw!r}: N={fields['n_par']} is not a multiple of M={fuse}; N must be a multiple of M")
+            fields["chunks"] = fields["n_par"] // fuse
         return cls(**fields).check()
 
     def __str__(self) -> str:
@@ -182,6 +188,16 @@ class SolverPlan:
         if self.method == "seq":
             return self.prefix_len(n_layer) + self.chunks
         return self.prefix_len(n_layer) + self.iters + (1 if self.init == "batch_fwd" else 0)
+
+    def describe(self, n_layer: int) -> str:
+        """One line of plain words, e.g. for logs and benchmark tables."""
+        if self.method == "seq" and self.n_par == 0:
+            return f"sequential: all {n_layer} blocks one after another"
+        head = f"{self.prefix_len(n_layer)} sequential blocks, then {self.chunks} chunk(s) of {self.fuse} fused block(s)"
+        if self.method == "seq":
+            return head + " run one after another"
+        init = "from h_init" if self.init == "h0" else "from one batched forward (batch_fwd)"
+        return f"{head}, {self.iters} {self.method} iteration(s) {init}; ideal speedup {self.ideal_speedup(n_layer):.2f}x"
 
     def ideal_speedup(self, n_layer: int) -> float:
         """Spec section 2's latency model: L / (S + K), counting a batched call as one block."""
