@@ -72,13 +72,13 @@ def test_regularizer_equals_direct_computation(preset, kind, stride, detach):
     inputs, trace = model.forward_trace(idx)
     terms = snlp_regularizer(model, inputs, trace, cfg, generator=torch.Generator().manual_seed(0))
     batched = terms[kind]
-    assert float(terms["total"]) == pytest.approx(0.5 * float(batched), rel=1e-12)
-    assert float(batched) > 1e-3  # the tiny random models are far from layer-parallel
+    assert terms["total"].item() == pytest.approx(0.5 * batched.item(), rel=1e-12)
+    assert batched.item() > 1e-3  # the tiny random models are far from layer-parallel
 
     params = [p for p in model.parameters() if p.requires_grad]
     grads_batched = torch.autograd.grad(batched, params, allow_unused=True)
     reference = direct(model, idx, kind, n_list, stride, detach)
-    assert abs(float(batched) - float(reference)) < 1e-10
+    assert abs(batched.item() - reference.item()) < 1e-10
     grads_direct = torch.autograd.grad(reference, params, allow_unused=True)
     for p, a, b in zip(params, grads_batched, grads_direct):
         a = torch.zeros_like(p) if a is None else a

@@ -48,6 +48,23 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin.float(), persistent=False)
         self.window_sizes = cfg.window_sizes()
         self.init_weights()
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """Parameters kept only for nanochat's state-dict layout get requires_grad=False, so
+        optimizers skip them and DDP does not wait for gradients that never come."""
+        cfg = self.config
+        unused = []
+        if not cfg.uses_lambdas:
+            unused += [self.resid_lambdas, self.x0_lambdas]
+        if cfg.no_ve:
+            unused += list(self.value_embeds.parameters())
+        if not cfg.smear:
+            unused += [self.smear_gate.weight, self.smear_lambda]
+        if not cfg.backout:
+            unused.append(self.backout_lambda)
+        for p in unused:
+            p.requires_grad_(False)
 
     # -- initialisation (spec section 5) ----------------------------------------------------------
     @torch.no_grad()

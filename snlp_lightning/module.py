@@ -1,0 +1,198 @@
+"""The LightningModule: nanochat / mHC training with the SNLP regularizer, and layer-parallel validation.
+
+Training loss (spec section 4): CE of the sequential model + w(step) * regularizer, w ramping from 0
+to 1 over the first ``warmup_fraction`` of the steps. Validation: sequential PPL, and for every plan
+in ``eval_plans`` its PPL, top-1 agreement and logit cosine against the sequential logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric, SumMetric
+
+from .config import ConfigError, ModelConfig
+from .models.gpt import GPT
+from .models.nanochat_io import load_nanochat
+from .optim import OptimConfig, build_optimizer
+from .regularizer import RegularizerConfig, snlp_regularizer, warmup_weight
+from .solvers import SolverPlan, snlp_forward
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def _metric_key(plan: SolverPlan) -> str:
+    """A metric-name-safe key for a plan (ModuleDict keys may not contain '.')."""
+    return str(plan).replace(":", "_").replace(".", "p").replace("=", "")
+
+
+class SNLPModule(L.LightningModule):
+    """Trains a nanochat or mHC model with the SNLP regularizer.
+
+    Args:
+        config: the model architecture (every field overridable: ``--model.config.n_layer 8``).
+        regularizer: lambdas, ``n_par_configs``, stride, detach, warmup fraction (all lambdas 0 = baseline).
+        optim: optimizer and schedule (nanochat's Muon + AdamW groups).
+        eval_plans: solver plans measured at validation, e.g. ``["idn:n4:K1", "idn:n4:K2"]``.
+        compile: ``torch.compile`` the training loss computation.
+        init_from: a nanochat checkpoint (``model_*.pt`` with ``meta_*.json``) to start from; its
+            config replaces ``config``.
+        seed: seeds the DiagN regularizer probes (per step, so resumed runs draw the same probes).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig = ModelConfig(),
+        regularizer: RegularizerConfig = RegularizerConfig(),
+        optim: OptimConfig = OptimConfig(),
+        eval_plans: list[str] = [],  # noqa: B006 - jsonargparse reads the default; never mutated
+        compile: bool = False,
+        init_from: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if init_from:
+            self.model = load_nanochat(init_from)
+            config = self.model.config
+        else:
+            self.model = GPT(config)
+        self.config = config
+        self.regularizer = regularizer.validate(config)
+        self.optim_config = optim.validate()
+        self.plans = [SolverPlan.parse(p).validate(config) for p in eval_plans]
+        self.seed = seed
+        self.save_hyperparameters(
+            {
+                "config": dataclasses.asdict(config),
+                "regularizer": dataclasses.asdict(regularizer),
+                "optim": dataclasses.asdict(optim),
+                "eval_plans": [str(p) for p in self.plans],
+                "compile": compile,
+                "init_from": init_from,
+                "seed": seed,
+            }
+        )
+        self._losses = torch.compile(self.compute_losses) if compile else self.compute_losses
+        self.val_ce = SumMetric()
+        self.val_tokens = SumMetric()
+        self.plan_ce = torch.nn.ModuleDict({_metric_key(p): SumMetric() for p in self.plans})
+        self.plan_top1 = torch.nn.ModuleDict({_metric_key(p): MeanMetric() for p in self.plans})
+        self.plan_cosine = torch.nn.ModuleDict({_metric_key(p): MeanMetric() for p in self.plans})
+        self.last_table: list[dict] = []
+        self._step_start = None
+
+    # -- data checks ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if data_vocab is not None and data_vocab > self.config.vocab_size:
+            raise ConfigError(
+                f"model vocab_size={self.config.vocab_size} is smaller than the data's tokenizer vocabulary "
+                f"({data_vocab}); set model.config.vocab_size >= {data_vocab}"
+            )
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.sequence_len:
+            raise ConfigError(f"data.seq_len={seq_len} exceeds model.config.sequence_len={self.config.sequence_len}")
+
+    # -- training ---------------------------------------------------------------------------------
+    def compute_losses(self, inputs: torch.Tensor, targets: torch.Tensor, reg_weight: torch.Tensor, step: int) -> dict:
+        """CE of the sequential model plus the weighted regularizer. inputs, targets: (B, T)."""
+        block_inputs, trace = self.model.forward_trace(inputs)
+        logits = self.model.head(trace[-1], trace[self.model.backout_layer + 1])
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        out = {"ce": ce, "loss": ce}
+        if self.regularizer.active:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            terms = snlp_regularizer(self.model, block_inputs, trace, self.regularizer, generator=gen)
+            out["loss"] = ce + reg_weight * terms["total"]
+            out.update({f"reg_{k}": v for k, v in terms.items()})
+        return out
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        weight = warmup_weight(self.global_step, total, self.regularizer.warmup_fraction)
+        losses = self._losses(inputs, targets, torch.tensor(weight, device=inputs.device), self.global_step)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged at step {self.global_step}: loss is {loss.item()} (CE {losses['ce'].item()}); "
+                f"no update was applied and the last checkpoint is intact"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ce", losses["ce"])
+        self.log("train/reg", losses.get("reg_total", torch.zeros(())))
+        self.log("train/reg_weight", weight)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._step_start is not None:
+            tokens = batch[0].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._step_start, 1e-9))
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model, self.optim_config, max(int(self.trainer.estimated_stepping_batches), 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation -------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        inputs, targets = batch
+        reference = self.model(inputs)
+        self.val_ce.update(F.cross_entropy(reference.flatten(0, 1), targets.flatten(), reduction="sum"))
+        self.val_tokens.update(torch.tensor(float(targets.numel()), device=inputs.device))
+        for plan in self.plans:
+            key = _metric_key(plan)
+            gen = torch.Generator().manual_seed(self.seed + batch_idx)
+            logits = snlp_forward(self.model, inputs, plan, generator=gen)
+            self.plan_ce[key].update(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            self.plan_top1[key].update((logits.argmax(-1) == reference.argmax(-1)).float().flatten())
+            self.plan_cosine[key].update(F.cosine_similarity(logits, reference, dim=-1).flatten())
+
+    def on_validation_epoch_end(self):
+        tokens = self.val_tokens.compute()
+        if float(tokens) == 0:
+            return
+        seq_ppl = math.exp(float(self.val_ce.compute() / tokens))
+        self.log("val/ppl", seq_ppl, prog_bar=True, sync_dist=False)
+        rows = [dict(plan="seq", ppl=seq_ppl, delta=0.0, top1=1.0, cosine=1.0, ideal=1.0)]
+        for plan in self.plans:
+            key = _metric_key(plan)
+            ppl = math.exp(float(self.plan_ce[key].compute() / tokens))
+            top1, cosine = float(self.plan_top1[key].compute()), float(self.plan_cosine[key].compute())
+            self.log(f"val/{key}/ppl", ppl)
+            self.log(f"val/{key}/top1", top1)
+            self.log(f"val/{key}/cosine", cosine)
+            rows.append(dict(plan=str(plan), ppl=ppl, delta=ppl / seq_ppl - 1, top1=top1, cosine=cosine, ideal=plan.ideal_speedup(self.config.n_layer)))
+        for metric in [self.val_ce, self.val_tokens, *self.plan_ce.values(), *self.plan_top1.values(), *self.plan_cosine.values()]:
+            metric.reset()
+        self.last_table = rows
+        if self.trainer.state.fn == "validate" and not self.trainer.sanity_checking:
+            rank_zero_info(format_table(rows, int(tokens), self.config.n_layer))
+
+
+def format_table(rows: list[dict], tokens: int, n_layer: int) -> str:
+    lines = [
+        f"\nSequential vs layer-parallel on {tokens} validation tokens (L = {n_layer}):\n",
+        "| plan | PPL | vs seq | top-1 agree | logit cosine | ideal speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['plan']} | {r['ppl']:.3f} | {100 * r['delta']:+.1f}% | {r['top1']:.3f} | {r['cosine']:.4f} | {r['ideal']:.2f}x |")
+    return "\n".join(lines)
