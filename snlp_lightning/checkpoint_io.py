@@ -46,8 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except CheckpointError:
             raise
         except Exception as err:  # torch raises several types for truncated / foreign files
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {type(err).__name__}: {first_line}") from None
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
         return checkpoint

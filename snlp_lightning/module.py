@@ -45,7 +45,7 @@ class SNLPModule(L.LightningModule):
         compile: ``torch.compile`` the training loss computation.
         init_from: a nanochat checkpoint (``model_*.pt`` with ``meta_*.json``) to start from; its
             config replaces ``config``.
-        seed: seeds the DiagN regularizer probes (per step, so resumed runs draw the same probes).
+        probe_seed: seeds the DiagN regularizer probes (per step, so resumed runs draw the same probes).
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class SNLPModule(L.LightningModule):
         eval_plans: list[str] = [],  # noqa: B006 - jsonargparse reads the default; never mutated
         compile: bool = False,
         init_from: str | None = None,
-        seed: int = 0,
+        probe_seed: int = 0,
     ):
         super().__init__()
         if init_from:
@@ -68,7 +68,7 @@ class SNLPModule(L.LightningModule):
         self.regularizer = regularizer.validate(config)
         self.optim_config = optim.validate()
         self.plans = [SolverPlan.parse(p).validate(config) for p in eval_plans]
-        self.seed = seed
+        self.probe_seed = probe_seed
         self.save_hyperparameters(
             {
                 "config": dataclasses.asdict(config),
@@ -77,7 +77,7 @@ class SNLPModule(L.LightningModule):
                 "eval_plans": [str(p) for p in self.plans],
                 "compile": compile,
                 "init_from": init_from,
-                "seed": seed,
+                "probe_seed": probe_seed,
             }
         )
         self._losses = torch.compile(self.compute_losses) if compile else self.compute_losses
@@ -110,7 +110,7 @@ class SNLPModule(L.LightningModule):
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         out = {"ce": ce, "loss": ce}
         if self.regularizer.active:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step)
             terms = snlp_regularizer(self.model, block_inputs, trace, self.regularizer, generator=gen)
             out["loss"] = ce + reg_weight * terms["total"]
             out.update({f"reg_{k}": v for k, v in terms.items()})
@@ -118,8 +118,7 @@ class SNLPModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        weight = warmup_weight(self.global_step, total, self.regularizer.warmup_fraction)
+        weight = warmup_weight(self.global_step, self.schedule_steps, self.regularizer.warmup_fraction)
         losses = self._losses(inputs, targets, torch.tensor(weight, device=inputs.device), self.global_step)
         loss = losses["loss"]
         if not torch.isfinite(loss):
@@ -147,8 +146,13 @@ class SNLPModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
+    @property
+    def schedule_steps(self) -> int:
+        """Steps of the LR schedule and the regularizer ramp (optim.schedule_steps or max_steps)."""
+        return self.optim_config.schedule_steps or max(int(self.trainer.estimated_stepping_batches), 1)
+
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.model, self.optim_config, max(int(self.trainer.estimated_stepping_batches), 1))
+        optimizer, scheduler = build_optimizer(self.model, self.optim_config, self.schedule_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation -------------------------------------------------------------------------------
@@ -159,7 +163,7 @@ class SNLPModule(L.LightningModule):
         self.val_tokens.update(torch.tensor(float(targets.numel()), device=inputs.device))
         for plan in self.plans:
             key = _metric_key(plan)
-            gen = torch.Generator().manual_seed(self.seed + batch_idx)
+            gen = torch.Generator().manual_seed(self.probe_seed + batch_idx)
             logits = snlp_forward(self.model, inputs, plan, generator=gen)
             self.plan_ce[key].update(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
             self.plan_top1[key].update((logits.argmax(-1) == reference.argmax(-1)).float().flatten())

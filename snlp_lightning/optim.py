@@ -36,6 +36,9 @@ class OptimConfig:
     warmup_steps: int = 0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
+    # Length of the LR schedule and of the regularizer ramp; None = the trainer's step budget.
+    # Set it when a run is split into legs (max_steps < the planned length) and resumed.
+    schedule_steps: int | None = None
 
     def validate(self) -> "OptimConfig":
         from .config import ConfigError
@@ -46,6 +49,8 @@ class OptimConfig:
             raise ConfigError(f"optimizer='muon_adamw' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
         if not 0.0 <= self.warmdown_ratio <= 1.0:
             raise ConfigError(f"warmdown_ratio={self.warmdown_ratio} is not allowed: must lie in [0, 1]")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ConfigError(f"schedule_steps={self.schedule_steps} is not allowed: None or a positive integer")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} is not allowed: must be >= 0")
         return self

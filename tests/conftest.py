@@ -49,3 +49,13 @@ def tokens(batch: int = 2, length: int = 12, vocab: int = TINY["vocab_size"], se
 @pytest.fixture(params=PRESETS)
 def preset(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def bundled_data(tmp_path_factory):
+    """The bundled corpus prepared once per session (vocab 512 keeps the tokenizer quick)."""
+    from data_prep import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("bundled") / "data"
+    prepare(PrepareOptions(out=str(out), bundled=True, vocab_size=512, progress=False))
+    return out

@@ -1,0 +1,8 @@
+"""The one exception type for bad input to snlp-prepare."""
+
+from __future__ import annotations
+
+
+class PrepareError(ValueError):
+    """Bad input (missing path, no text field, vocab too small, ...); the message is one line that
+    names the offending path or flag and says what is allowed. snlp-prepare prints it and exits 2."""
