@@ -86,7 +86,8 @@ class SNLPModule(L.LightningModule):
         self.plan_ce = torch.nn.ModuleDict({_metric_key(p): SumMetric() for p in self.plans})
         self.plan_top1 = torch.nn.ModuleDict({_metric_key(p): MeanMetric() for p in self.plans})
         self.plan_cosine = torch.nn.ModuleDict({_metric_key(p): MeanMetric() for p in self.plans})
-        self.last_table: list[dict] = []
+        self.last_table: list[dict] = []  # rows of the last validation's table
+        self.last_tokens = 0
         self._step_start = None
 
     # -- data checks ------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class SNLPModule(L.LightningModule):
             rows.append(dict(plan=str(plan), ppl=ppl, delta=ppl / seq_ppl - 1, top1=top1, cosine=cosine, ideal=plan.ideal_speedup(self.config.n_layer)))
         for metric in [self.val_ce, self.val_tokens, *self.plan_ce.values(), *self.plan_top1.values(), *self.plan_cosine.values()]:
             metric.reset()
-        self.last_table = rows
+        self.last_table, self.last_tokens = rows, int(tokens)
         if self.trainer.state.fn == "validate" and not self.trainer.sanity_checking:
             rank_zero_info(format_table(rows, int(tokens), self.config.n_layer))
 
