@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     module = validate.model
     table = format_table(module.last_table, module.last_tokens, module.config.n_layer)
     report = Path(last).parents[1] / "validate.md"
-    report.write_text(table + "\n")
-    print(table)
+    report.write_text(table + "\n")  # the validate run has already printed it
     print(f"\nsnlp-quickstart: done in {time.perf_counter() - start:.0f} s; checkpoint {last}; table in {report}")
     print(f"TensorBoard: tensorboard --logdir {Path(last).parents[2]}")
 
