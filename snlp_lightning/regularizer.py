@@ -20,7 +20,7 @@ from torch import Tensor
 from .config import ConfigError, ModelConfig
 from .models.gpt import GPT
 from .models.stack import BlockInputs, stack_blocks, wide_block_forward
-from .solvers.surrogates import linear_scan
+from .solvers.surrogates import linear_scan, rademacher
 
 DIAG_EPS = 1e-2
 DIAG_CLAMP = 2.0
@@ -88,6 +88,15 @@ def compared_indices(n_par: int, stride: int) -> list[int]:
     return [j for j in range(1, n_par) if (j + 1) % stride == 0 or j == n_par - 1]
 
 
+def _suffix_error(corrected: Tensor, trace: list[Tensor], start: int, indices: list[int], detach: bool) -> Tensor:
+    """Sum over suffix indices j of the relative error of corrected[j] against h_{start + j + 1}."""
+    total = corrected.new_zeros((), dtype=torch.promote_types(corrected.dtype, torch.float32))
+    for j in indices:
+        target = trace[start + j + 1]
+        total = total + relative_error(corrected[j], target.detach() if detach else target)
+    return total
+
+
 def _suffix_outputs(model: GPT, inputs: BlockInputs, h_init: Tensor, first: int):
     """F_j(h_init) for every block j >= first in one batched call: (N, B, T, n, D), and A_j."""
     layers = [[layer] for layer in range(first, model.config.n_layer)]
@@ -105,11 +114,7 @@ def idn_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, s
         return relative_error(out, target)
     outs, _ = _suffix_outputs(model, inputs, h_init, start)
     corrected = h_init + torch.cumsum(outs - h_init, dim=0)  # IDN, K = 1, h0 init
-    total = outs.new_zeros((), dtype=torch.promote_types(outs.dtype, torch.float32))
-    for j in compared_indices(n_par, stride):
-        target = trace[start + j + 1]
-        total = total + relative_error(corrected[j], target.detach() if detach else target)
-    return total
+    return _suffix_error(corrected, trace, start, compared_indices(n_par, stride), detach)
 
 
 def hcn_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, stride: int, detach: bool) -> Tensor:
@@ -120,11 +125,7 @@ def hcn_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, s
     deltas = linear_scan(outs - h_init, lambda c, d: torch.matmul(mixing[c], d))
     corrected = h_init + deltas
     indices = compared_indices(n_par, stride) if stride > 0 else [n_par - 1]
-    total = outs.new_zeros((), dtype=torch.promote_types(outs.dtype, torch.float32))
-    for j in indices:
-        target = trace[start + j + 1]
-        total = total + relative_error(corrected[j], target.detach() if detach else target)
-    return total
+    return _suffix_error(corrected, trace, start, indices, detach)
 
 
 def diag_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, generator: torch.Generator | None) -> Tensor:
@@ -133,8 +134,7 @@ def diag_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, 
     start = L - n_par
     h_init = trace[start]
     outs, _ = _suffix_outputs(model, inputs, h_init, start)
-    bits = torch.randint(0, 2, h_init.shape, generator=generator, device="cpu")
-    z = (bits * 2 - 1).to(device=h_init.device, dtype=h_init.dtype)
+    z = rademacher(h_init, generator)
     with torch.no_grad():
         perturbed, _ = _suffix_outputs(model, inputs, h_init + DIAG_EPS * z, start)
         wide = torch.promote_types(outs.dtype, torch.float32)

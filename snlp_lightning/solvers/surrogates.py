@@ -29,6 +29,12 @@ def linear_scan(base: Tensor, apply_a: Callable[[int, Tensor], Tensor]) -> Tenso
     return torch.stack(out)
 
 
+def rademacher(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random +-1 entries shaped like ``like`` (drawn on the CPU so a CPU generator seeds them)."""
+    bits = torch.randint(0, 2, like.shape, generator=generator, device="cpu")
+    return (bits * 2 - 1).to(device=like.device, dtype=like.dtype)
+
+
 class Surrogate:
     """Identity Newton (IDN): A = I, so the recurrence is a prefix sum over depth."""
 
@@ -71,12 +77,8 @@ class DiagonalNewton(Surrogate):
     def __init__(self, probes: int, eps: float, estimator: str, generator: torch.Generator | None = None):
         self.probes, self.eps, self.estimator, self.generator = probes, eps, estimator, generator
 
-    def _rademacher(self, like: Tensor) -> Tensor:
-        bits = torch.randint(0, 2, like.shape, generator=self.generator, device="cpu")
-        return (bits * 2 - 1).to(device=like.device, dtype=like.dtype)
-
     def evaluate(self, blocks, x_in, inputs):
-        probes = [self._rademacher(x_in) for _ in range(self.probes)]
+        probes = [rademacher(x_in, self.generator) for _ in range(self.probes)]
         if self.estimator == "fd":
             batch = x_in.size(1)
             stacked = torch.cat([x_in] + [x_in + self.eps * z for z in probes], dim=1)
