@@ -94,13 +94,18 @@ class GPT(nn.Module):
         self.backout_lambda.fill_(0.2)
 
     # -- the three pieces -------------------------------------------------------------------------
-    def embed(self, idx: Tensor) -> tuple[BlockInputs, Tensor]:
-        """idx: (B, T) token ids -> (inputs every block reads, h0 of shape (B, T, n, D))."""
+    def embed(self, idx: Tensor, positions: Tensor | None = None, prev_idx: Tensor | None = None) -> tuple[BlockInputs, Tensor]:
+        """idx: (B, T) token ids -> (inputs every block reads, h0 of shape (B, T, n, D)).
+
+        Decoding with a KV cache passes ``positions`` (B, T), the absolute position of every token
+        (default 0 .. T - 1), and ``prev_idx`` (B,), the token just before ``idx[:, 0]``, whose
+        embedding smear mixes into rows whose position is > 0.
+        """
         cfg = self.config
         if idx.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, time), got {tuple(idx.shape)}")
         t = idx.size(1)
-        if t > cfg.sequence_len:
+        if positions is None and t > cfg.sequence_len:
             raise ValueError(f"sequence of {t} tokens exceeds sequence_len={cfg.sequence_len}")
         if not torch.compiler.is_compiling() and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
@@ -109,15 +114,23 @@ class GPT(nn.Module):
                 raise TokenRangeError(f"token id {bad} is out of the vocabulary: allowed 0..{cfg.vocab_size - 1}")
         dtype = self.transformer.wte.weight.dtype
         x = rms_norm(self.transformer.wte(idx))
-        if cfg.smear and t > 1:
+        if cfg.smear and (t > 1 or prev_idx is not None):
             # Mix the previous token's (pre-smear, normed) embedding into each position t >= 1.
-            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
-            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            if prev_idx is None:
+                x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+            else:
+                before = torch.cat([rms_norm(self.transformer.wte(prev_idx)).unsqueeze(1), x[:, :-1]], dim=1)
+                x = x + gate * before * (positions > 0).unsqueeze(-1).to(x.dtype)
         x0 = x.unsqueeze(-2).expand(*x.shape[:2], cfg.n_streams, cfg.n_embd)  # (B, T, n, D)
         value_embeds = {}
         if not cfg.no_ve:
             value_embeds = {int(k): table(idx).to(dtype) for k, table in self.value_embeds.items()}
-        inputs = BlockInputs(x0=x0, cos=self.rope_cos[:t], sin=self.rope_sin[:t], value_embeds=value_embeds)
+        if positions is None:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd / 2)
+        inputs = BlockInputs(x0=x0, cos=cos, sin=sin, value_embeds=value_embeds, positions=positions)
         return inputs, x0
 
     def stack(self, groups, average_branches: bool = False) -> WideBlocks:

@@ -20,11 +20,12 @@ def rotary_tables(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Ten
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation. x: (..., T, H, hd); cos, sin: (T, hd // 2)."""
+    """Half-split rotation. x: (..., T, H, hd); cos, sin: (T, hd // 2), or (B, T, hd // 2) for x of
+    shape (..., B, T, H, hd) whose rows sit at different positions."""
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    cos = cos.unsqueeze(-2).to(x.dtype)  # broadcast over the heads
+    sin = sin.unsqueeze(-2).to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 

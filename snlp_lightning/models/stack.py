@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .block import VE_GATE_CHANNELS
+from .kv_cache import cached_attention, write_cache
 from .layers import apply_rotary, causal_attention, rms_norm
 from .mhc import ConnectionStack, stack_connections
 
@@ -33,7 +34,9 @@ class BlockInputs:
     """What every block of one forward pass reads besides its input state.
 
     x0: (B, T, n, D) the (smeared) embedding, for the x0 blend; cos, sin: (T, hd/2) rotary tables
-    of the positions being computed; value_embeds: layer -> (B, T, Hkv * hd).
+    of the positions being computed, or (B, T, hd/2) when rows sit at different positions;
+    value_embeds: layer -> (B, T, Hkv * hd); positions: (B, T) absolute positions, needed by
+    blocks that carry a KV cache.
     """
 
     x0: Tensor
@@ -41,6 +44,7 @@ class BlockInputs:
     sin: Tensor
     value_embeds: dict[int, Tensor]
     q_offset: int = 0
+    positions: Tensor | None = None
     _ve_stacks: dict = field(default_factory=dict)
 
     def value_embeds_for(self, layers: tuple[int | None, ...], batch: int) -> Tensor:
@@ -69,7 +73,8 @@ class WideBlocks:
 
     wq: (G, Hq*hd, D), wk/wv: (G, Hkv*hd, D), wo: (G, D, Hq*hd), w_fc: (G, F, D), w_proj: (G, D, F),
     with Hq = M * n_head, Hkv = M * n_kv_head, F = M * 4D. lambdas: (G, 2) averaged (resid, x0)
-    or None; ve_gate: (G, n_kv_head, 12) or None (only when M = 1).
+    or None; ve_gate: (G, n_kv_head, 12) or None (only when M = 1). k_cache, v_cache: None, or
+    the static KV cache (G, M, B, n_kv_head, Tmax, hd) that attention writes to and reads from.
     """
 
     layers: tuple[tuple[int, ...], ...]
@@ -87,6 +92,8 @@ class WideBlocks:
     hc_attn: ConnectionStack | None = None
     hc_mlp: ConnectionStack | None = None
     branch_scale: float = 1.0
+    k_cache: Tensor | None = None
+    v_cache: Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -94,15 +101,20 @@ class WideBlocks:
 
     def select(self, g: int) -> "WideBlocks":
         """Wide block g alone, as a G = 1 stack (views)."""
-        take = lambda t: None if t is None else t[g : g + 1]  # noqa: E731
+        return self.take(g, g + 1)
+
+    def take(self, start: int, stop: int) -> "WideBlocks":
+        """Wide blocks start .. stop - 1 as a stack of their own (views)."""
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
         hc = lambda s: None if s is None else ConnectionStack(s.iters, s.tau, **{  # noqa: E731
-            k: take(getattr(s, k)) for k in ("pre", "post", "res", "phi_pre", "phi_post", "phi_res", "alpha", "b_pre", "b_post", "b_res")
+            k: cut(getattr(s, k)) for k in ("pre", "post", "res", "phi_pre", "phi_post", "phi_res", "alpha", "b_pre", "b_post", "b_res")
         })
         return WideBlocks(
-            layers=self.layers[g : g + 1], wq=take(self.wq), wk=take(self.wk), wv=take(self.wv), wo=take(self.wo),
-            w_fc=take(self.w_fc), w_proj=take(self.w_proj), head_dim=self.head_dim, windows=self.windows[g : g + 1],
-            lambdas=take(self.lambdas), ve_gate=take(self.ve_gate), ve_layers=self.ve_layers[g : g + 1],
+            layers=self.layers[start:stop], wq=cut(self.wq), wk=cut(self.wk), wv=cut(self.wv), wo=cut(self.wo),
+            w_fc=cut(self.w_fc), w_proj=cut(self.w_proj), head_dim=self.head_dim, windows=self.windows[start:stop],
+            lambdas=cut(self.lambdas), ve_gate=cut(self.ve_gate), ve_layers=self.ve_layers[start:stop],
             hc_attn=hc(self.hc_attn), hc_mlp=hc(self.hc_mlp), branch_scale=self.branch_scale,
+            k_cache=cut(self.k_cache), v_cache=cut(self.v_cache),
         )
 
 
@@ -178,19 +190,34 @@ def _project(x: Tensor, w: Tensor) -> Tensor:
     return torch.bmm(x.reshape(g, b * t, -1), w.to(x.dtype).transpose(1, 2)).view(g, b, t, -1)
 
 
-def attention_branch(blocks: WideBlocks, xn: Tensor, inputs: BlockInputs) -> Tensor:
-    """Sum over the fused blocks of Attn_m(xn). xn: (G, B, T, D) normed input -> (G, B, T, D)."""
+def _keys_values(blocks: WideBlocks, xn: Tensor, inputs: BlockInputs) -> tuple[Tensor, Tensor]:
+    """k (rotated, normed, scaled) and v of the normed attention input xn (G, B, T, D): (G, B, T, Hkv, hd)."""
     g, b, t, _ = xn.shape
     hd = blocks.head_dim
-    q = _project(xn, blocks.wq).view(g, b, t, -1, hd)
     k = _project(xn, blocks.wk).view(g, b, t, -1, hd)
     v = _project(xn, blocks.wv).view(g, b, t, -1, hd)
     if blocks.ve_gate is not None:
         gate = 3 * torch.sigmoid(_project(xn[..., :VE_GATE_CHANNELS], blocks.ve_gate))  # (G, B, T, Hkv)
         ve = inputs.value_embeds_for(blocks.ve_layers, b).to(v.dtype).view(g, b, t, -1, hd)
         v = v + gate.unsqueeze(-1) * ve
+    return rms_norm(apply_rotary(k, inputs.cos, inputs.sin)) * QK_SCALE, v
+
+
+def attention_branch(blocks: WideBlocks, xn: Tensor, inputs: BlockInputs) -> Tensor:
+    """Sum over the fused blocks of Attn_m(xn). xn: (G, B, T, D) normed input -> (G, B, T, D).
+
+    With a KV cache the new k, v are written at ``inputs.positions`` and the queries attend over
+    the cache; without one, over the T positions of this call.
+    """
+    g, b, t, _ = xn.shape
+    q = _project(xn, blocks.wq).view(g, b, t, -1, blocks.head_dim)
     q = rms_norm(apply_rotary(q, inputs.cos, inputs.sin)) * QK_SCALE
-    k = rms_norm(apply_rotary(k, inputs.cos, inputs.sin)) * QK_SCALE
+    k, v = _keys_values(blocks, xn, inputs)
+    if blocks.k_cache is not None:
+        write_cache(blocks.k_cache, k, inputs.positions)
+        write_cache(blocks.v_cache, v, inputs.positions)
+        y = cached_attention(q, blocks.k_cache, blocks.v_cache, inputs.positions, blocks.windows)
+        return _project(y.reshape(g, b, t, -1), blocks.wo)
     y = causal_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), blocks.windows, inputs.q_offset)
     return _project(y.transpose(2, 3).reshape(g, b, t, -1), blocks.wo)
 
@@ -200,16 +227,24 @@ def mlp_branch(blocks: WideBlocks, xn: Tensor) -> Tensor:
     return _project(torch.relu(_project(xn, blocks.w_fc)).square(), blocks.w_proj)
 
 
+def _branch_input(x: Tensor, hc: ConnectionStack | None) -> tuple[Tensor, tuple | None]:
+    """The normed branch input (G, B, T, D) of a sub-layer on x (G, B, T, n, D), and the mHC
+    coefficients (H_pre, H_post, H_res) it was pooled with (None for nanochat's single stream)."""
+    if hc is None:
+        return rms_norm(x[..., 0, :]), None
+    pre, post, res = hc.coefficients(x)
+    return rms_norm((pre.unsqueeze(-1) * x).sum(-2)), (pre, post, res)  # norm(H_pre . X)
+
+
 def _sublayer(x: Tensor, hc: ConnectionStack | None, branch: Callable[[Tensor], Tensor], scale: float):
     """One residual sub-layer on x (G, B, T, n, D); returns (x', H_res or None)."""
-    if hc is None:  # nanochat: x + branch(norm(x)) on the single stream
-        out = branch(rms_norm(x[..., 0, :]))
-        return x + (out * scale if scale != 1.0 else out).unsqueeze(-2), None
-    pre, post, res = hc.coefficients(x)
-    pooled = (pre.unsqueeze(-1) * x).sum(-2)  # H_pre . X: (G, B, T, D)
-    out = branch(rms_norm(pooled))
+    xn, coefficients = _branch_input(x, hc)
+    out = branch(xn)
     if scale != 1.0:
         out = out * scale
+    if coefficients is None:  # nanochat: x + branch(norm(x)) on the single stream
+        return x + out.unsqueeze(-2), None
+    _, post, res = coefficients
     return torch.matmul(res, x) + post.unsqueeze(-1) * out.unsqueeze(-2), res
 
 
@@ -219,6 +254,16 @@ def blend_input(blocks: WideBlocks, x: Tensor, inputs: BlockInputs) -> Tensor:
         return x
     lam = blocks.lambdas.to(x.dtype)[:, None, None, None, None, :]  # (G, 1, 1, 1, 1, 2)
     return lam[..., 0] * x + lam[..., 1] * repeat_batch(inputs.x0, x.size(1)).unsqueeze(0)
+
+
+def write_keys_values(blocks: WideBlocks, x: Tensor, inputs: BlockInputs) -> None:
+    """Write into the blocks' KV cache the k, v their attention computes from the inputs x
+    (G, B, T, n, D), at ``inputs.positions``: the attention half of ``wide_block_forward`` up to the
+    kv projections, without queries, attention or MLP."""
+    xn, _ = _branch_input(blend_input(blocks, x, inputs), blocks.hc_attn)
+    k, v = _keys_values(blocks, xn, inputs)
+    write_cache(blocks.k_cache, k, inputs.positions)
+    write_cache(blocks.v_cache, v, inputs.positions)
 
 
 def wide_block_forward(blocks: WideBlocks, x: Tensor, inputs: BlockInputs) -> tuple[Tensor, Tensor | None]:

@@ -44,8 +44,9 @@ def _prefix(model: GPT, inputs: BlockInputs, h: Tensor, prefix_len: int) -> tupl
     return h, backout
 
 
-def _chunk_sequential(blocks: WideBlocks, h_init: Tensor, inputs: BlockInputs) -> Tensor:
-    """The fixed point of a fused plan: chunks one after another. Returns (C, B, T, n, D)."""
+def chunk_sequential(blocks: WideBlocks, h_init: Tensor, inputs: BlockInputs) -> Tensor:
+    """The fixed point of a fused plan: chunks one after another (each writes its KV cache, if it
+    has one, on the way). h_init: (B, T, n, D) -> (C, B, T, n, D)."""
     states, x = [], h_init
     for c in range(blocks.groups):
         x = wide_block_forward(blocks.select(c), x.unsqueeze(0), inputs)[0].squeeze(0)
@@ -124,7 +125,7 @@ def snlp_solve(
     blocks = model.stack(plan.chunk_layers(n_layer), plan.average_branches)
     iterates = norms = None
     if plan.method == "seq":
-        states = _chunk_sequential(blocks, h_init, inputs)
+        states = chunk_sequential(blocks, h_init, inputs)
     else:
         surrogate = make_surrogate(plan, generator)
         states, iterates, norms = solve_chunks(blocks, surrogate, h_init, inputs, plan, trace, residuals)
