@@ -7,6 +7,10 @@ import torch
 
 from snlp_lightning import GPT, build_model
 
+# Tiny models are bound by per-op overhead: one intra-op thread is as fast as two on an idle
+# machine and several times faster on a busy one (idle OpenMP workers spin and steal the cores).
+torch.set_num_threads(1)
+
 PRESETS = ("plain", "nanochat", "mhc", "mhc-dynamic")
 TINY = dict(n_layer=6, n_embd=48, n_head=4, n_kv_head=2, vocab_size=96, sequence_len=16, short_window=4)
 

@@ -1,0 +1,111 @@
+"""Sampling and the generation loop, with nothing but torch: shared by the eager / compiled decoder
+and by the standalone package loader (``export/standalone.py``), which must not import the
+training code.
+
+A "step" is any callable ``step(tokens (B, T), positions (B, T), prev (B,)) -> logits (B, T, V)``
+over a KV cache of a fixed number of rows: ``prefill`` fills the cache with a prompt, ``decode``
+adds one token per row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Step = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class GenerationError(ValueError):
+    """A prompt, length or sampling setting that generation cannot serve."""
+
+
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    if not temperature >= 0.0:
+        raise GenerationError(f"temperature={temperature} is not allowed: must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k={top_k} is not allowed: a positive integer or None (all tokens)")
+
+
+def probabilities(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """Sampling distribution (..., V) from logits (..., V): temperature, then the top-k tokens kept."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """One token per row from logits (B, V): greedy when temperature is 0. Returns (B,) int64."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, temperature, top_k), 1, generator=generator).squeeze(-1)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], rows: int, room: int, max_seq_len: int, device) -> tuple[Tensor, Tensor]:
+    """Right-pad the prompts into (rows, T) tokens; returns (tokens, lengths (rows,)).
+
+    Unused cache rows repeat the last prompt. ``room`` positions must remain after every prompt.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token (e.g. the tokenizer's <|bos|>)")
+    if len(prompts) > rows:
+        raise GenerationError(f"{len(prompts)} prompts do not fit a KV cache of {rows} rows: pass at most {rows}")
+    longest = max(len(p) for p in prompts)
+    if longest + room > max_seq_len:
+        raise GenerationError(
+            f"a prompt of {longest} tokens plus {room} more positions exceeds the KV cache of {max_seq_len} positions"
+        )
+    prompts = list(prompts) + [prompts[-1]] * (rows - len(prompts))
+    tokens = torch.zeros(rows, longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts])
+    return tokens.to(device), lengths.to(device)
+
+
+def generate(
+    prefill: Step,
+    decode: Step,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    rows: int,
+    max_seq_len: int,
+    device: torch.device | str = "cpu",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    on_tokens: Callable[[Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Generate ``max_new_tokens`` after each prompt; returns the new tokens per prompt.
+
+    Prompts of different lengths share one prefill (right-padded; padding positions are written
+    to the cache but every row's decoding starts at its own length, so they are overwritten before
+    they could be read). ``on_tokens`` receives each step's (B,) tokens (streaming).
+    """
+    check_sampling(temperature, top_k)
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+    count = len(prompts)
+    tokens, lengths = pad_prompts(prompts, rows, max_new_tokens, max_seq_len, device)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+    rows_index = torch.arange(rows, device=device)
+    logits = prefill(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
+    last = logits[rows_index, lengths - 1]
+    prev = tokens[rows_index, lengths - 1]
+    pos = lengths.clone()
+    out = []
+    for step in range(max_new_tokens):
+        nxt = sample(last, temperature, top_k, generator)
+        out.append(nxt)
+        if on_tokens is not None:
+            on_tokens(nxt[:count])
+        if step + 1 == max_new_tokens:
+            break
+        last = decode(nxt[:, None], pos[:, None], prev)[:, 0]
+        prev, pos = nxt, pos + 1
+    return torch.stack(out, 1)[:count].tolist()

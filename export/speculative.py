@@ -1,0 +1,126 @@
+"""Self-speculative decoding (spec section 6, v2): the layer-parallel decoder drafts, the exact
+sequential model verifies.
+
+Per round and row: D draft tokens from the plan's cheap decode steps, then ONE exact forward over
+[pending token, draft_1 .. draft_D] (the cache rows of those positions are rewritten exactly), and
+the longest acceptable prefix is kept plus one token from the verifier. Greedy: a draft token is
+accepted iff it equals the verifier's argmax, so the output is exactly sequential greedy decoding.
+Temperature > 0: speculative rejection sampling (accept with min(1, p / q), resample the first
+rejection from max(p - q, 0)), which samples from the sequential model's distribution.
+Rows accept different numbers of tokens; their positions advance independently and entries
+past a row's position are stale but never read (the cache needs no explicit rollback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .runtime import GenerationError, Step, check_sampling, pad_prompts, probabilities, sample
+
+
+@dataclass
+class SpeculativeStats:
+    rounds: int = 0
+    accepted: int = 0  # draft tokens accepted, summed over rows and rounds
+    row_rounds: int = 0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean accepted draft tokens per row and round (each round also emits one verifier token)."""
+        return self.accepted / max(self.row_rounds, 1)
+
+
+def speculative_generate(
+    prefill_exact: Step,
+    draft: Step,
+    verify: Step,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    draft_len: int,
+    rows: int,
+    max_seq_len: int,
+    device: torch.device | str = "cpu",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> tuple[list[list[int]], SpeculativeStats]:
+    """Generate with D = ``draft_len`` drafts per round; ``verify`` takes (B, D + 1) tokens.
+
+    prefill_exact and verify must run the exact sequential model; draft is the plan's decode step.
+    Returns (new tokens per prompt, acceptance statistics).
+    """
+    check_sampling(temperature, top_k)
+    if draft_len < 1:
+        raise GenerationError(f"draft_len={draft_len} is not allowed: must be >= 1")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+    count = len(prompts)
+    # A round may run D + 1 positions past the last kept token.
+    tokens, lengths = pad_prompts(prompts, rows, max_new_tokens + draft_len + 1, max_seq_len, device)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    rows_index = torch.arange(rows, device=device)
+    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+    logits = prefill_exact(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
+    prev = tokens[rows_index, lengths - 1]
+    pending = sample(logits[rows_index, lengths - 1], temperature, top_k, generator)  # at position `pos`
+    pos = lengths.clone()
+    emitted: list[list[int]] = [[int(t)] for t in pending.tolist()]
+    stats = SpeculativeStats()
+    offsets = torch.arange(draft_len + 1, device=device)
+    while min(len(e) for e in emitted[:count]) < max_new_tokens:
+        drafts, draft_probs = [], []
+        tok, tok_pos, tok_prev = pending, pos, prev
+        for _ in range(draft_len):
+            step_logits = draft(tok[:, None], tok_pos[:, None], tok_prev)[:, 0]
+            nxt = sample(step_logits, temperature, top_k, generator)
+            if temperature > 0:
+                draft_probs.append(probabilities(step_logits, temperature, top_k))
+            drafts.append(nxt)
+            tok_prev, tok, tok_pos = tok, nxt, tok_pos + 1
+        drafted = torch.stack(drafts, 1)  # (B, D)
+        checked = verify(torch.cat([pending[:, None], drafted], 1), pos[:, None] + offsets, prev)  # (B, D + 1, V)
+        accepted, extra = _accept(checked, drafted, draft_probs, temperature, top_k, generator)
+        stats.rounds += 1
+        stats.row_rounds += count
+        stats.accepted += int(accepted[:count].sum())
+        for row in range(rows):
+            a = int(accepted[row])
+            emitted[row] += drafted[row, :a].tolist() + [int(extra[row])]
+        # The new pending token is `extra`; the token before it is the last accepted draft (or the old pending).
+        before = torch.where(accepted > 0, drafted[rows_index, (accepted - 1).clamp(min=0)], pending)
+        prev, pending, pos = before, extra, pos + accepted + 1
+    return [e[:max_new_tokens] for e in emitted[:count]], stats
+
+
+def _accept(
+    checked: Tensor, drafted: Tensor, draft_probs: list[Tensor], temperature: float, top_k: int | None, generator
+) -> tuple[Tensor, Tensor]:
+    """Accepted draft count per row (B,) and the verifier's token after them (B,).
+
+    checked: (B, D + 1, V) exact logits at the pending token and each draft; drafted: (B, D).
+    """
+    rows, d = drafted.shape
+    rows_index = torch.arange(rows, device=drafted.device)
+    if temperature == 0.0:
+        target = checked.argmax(-1)  # (B, D + 1)
+        accepted = torch.cumprod((drafted == target[:, :d]).long(), dim=1).sum(1)
+        return accepted, target[rows_index, accepted]
+    p = probabilities(checked, temperature, top_k)  # (B, D + 1, V)
+    q = torch.stack(draft_probs, 1)  # (B, D, V)
+    p_draft = p[:, :d].gather(-1, drafted[..., None]).squeeze(-1)
+    q_draft = q.gather(-1, drafted[..., None]).squeeze(-1)
+    u = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
+    ok = u * q_draft <= p_draft  # accept with probability min(1, p / q)
+    accepted = torch.cumprod(ok.long(), dim=1).sum(1)
+    # Rejected at i < D: resample from max(p_i - q_i, 0); all accepted: sample from p_D.
+    residual = p[rows_index, accepted] - torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows_index, accepted]
+    residual = residual.clamp(min=0)
+    residual = torch.where(accepted[:, None] == d, p[rows_index, accepted], residual)
+    residual = residual / residual.sum(-1, keepdim=True).clamp(min=1e-20)
+    extra = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+    return accepted, extra
