@@ -130,36 +130,40 @@ class LayerParallelDecoder(nn.Module):
         self.surrogate = make_surrogate(plan) if plan.method != "seq" else None
 
     # -- the stacks, bound to their cache views ---------------------------------------------------
-    def layer_stack(self) -> WideBlocks:
-        """All L layers, one per wide block, with the per-layer cache (L, 1, B, Hkv, Tmax, hd)."""
-        return self._layers.build(k_cache=self.k_cache, v_cache=self.v_cache)
+    def layer_stack(self, caches: tuple[Tensor, Tensor]) -> WideBlocks:
+        """All L layers, one per wide block, with the per-layer caches (L, 1, B, Hkv, Tmax, hd)."""
+        return self._layers.build(k_cache=caches[0], v_cache=caches[1])
 
-    def chunk_stack(self) -> WideBlocks:
-        """The C parallel chunks of M fused layers, with their cache view (C, M, B, Hkv, Tmax, hd)."""
+    def chunk_stack(self, caches: tuple[Tensor, Tensor]) -> WideBlocks:
+        """The C parallel chunks of M fused layers, with their cache views (C, M, B, Hkv, Tmax, hd)."""
         plan, start = self.plan, self.prefix_len
         if self._chunks is None:
-            return self.layer_stack().take(start, self.config.n_layer)
+            return self.layer_stack(caches).take(start, self.config.n_layer)
         view = lambda c: c[start:].view(plan.chunks, plan.fuse, *c.shape[2:])  # noqa: E731
-        return self._chunks.build(k_cache=view(self.k_cache), v_cache=view(self.v_cache))
+        return self._chunks.build(k_cache=view(caches[0]), v_cache=view(caches[1]))
 
     # -- entry points -----------------------------------------------------------------------------
-    def prefill(self, tokens: Tensor, positions: Tensor, prev: Tensor, exact: bool = False) -> Tensor:
+    def prefill(self, tokens: Tensor, positions: Tensor, prev: Tensor, exact: bool = False, caches=None) -> Tensor:
         """Fill the cache with a (chunk-)sequential pass; ``exact`` runs every layer unfused (the
-        sequential model, whatever the plan's fusion). Returns logits (B, T, vocab)."""
-        return self._forward(tokens, positions, prev, "exact" if exact or not self.plan.n_par else "chunks")
+        sequential model, whatever the plan's fusion). Returns logits (B, T, vocab).
 
-    def decode(self, tokens: Tensor, positions: Tensor, prev: Tensor) -> Tensor:
+        ``caches``: (k, v) to use instead of the decoder's own (the exported graphs take them as inputs).
+        """
+        return self._forward(tokens, positions, prev, "exact" if exact or not self.plan.n_par else "chunks", caches)
+
+    def decode(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches=None) -> Tensor:
         """One step of the plan: S exact blocks, K parallel iterations, then the kv refresh."""
         mode = "snlp" if self.plan.method != "seq" else ("chunks" if self.plan.n_par else "exact")
-        return self._forward(tokens, positions, prev, mode)
+        return self._forward(tokens, positions, prev, mode, caches)
 
     def reset_cache(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
 
-    def _forward(self, tokens: Tensor, positions: Tensor, prev: Tensor, mode: str) -> Tensor:
+    def _forward(self, tokens: Tensor, positions: Tensor, prev: Tensor, mode: str, caches=None) -> Tensor:
+        caches = caches if caches is not None else (self.k_cache, self.v_cache)
         inputs, h = self.shell.embed(tokens, positions, prev)
-        layers = self.layer_stack()
+        layers = self.layer_stack(caches)
         sequential = self.config.n_layer if mode == "exact" else self.prefix_len
         backout = None
         for layer in range(sequential):
@@ -168,7 +172,7 @@ class LayerParallelDecoder(nn.Module):
                 backout = h
         if mode == "exact":
             return self.shell.head(h, backout)
-        chunks = self.chunk_stack()
+        chunks = self.chunk_stack(caches)
         if mode == "chunks":
             states = chunk_sequential(chunks, h, inputs)
         else:

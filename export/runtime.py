@@ -92,7 +92,7 @@ def generate(
     count = len(prompts)
     tokens, lengths = pad_prompts(prompts, rows, max_new_tokens, max_seq_len, device)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens).contiguous()
     rows_index = torch.arange(rows, device=device)
     logits = prefill(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
     last = logits[rows_index, lengths - 1]

@@ -64,7 +64,7 @@ def speculative_generate(
     tokens, lengths = pad_prompts(prompts, rows, max_new_tokens + draft_len + 1, max_seq_len, device)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     rows_index = torch.arange(rows, device=device)
-    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens).contiguous()
     logits = prefill_exact(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
     prev = tokens[rows_index, lengths - 1]
     pending = sample(logits[rows_index, lengths - 1], temperature, top_k, generator)  # at position `pos`

@@ -120,7 +120,12 @@ class GPT(nn.Module):
             if prev_idx is None:
                 x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
             else:
-                before = torch.cat([rms_norm(self.transformer.wte(prev_idx)).unsqueeze(1), x[:, :-1]], dim=1)
+                # Position t reads token t - 1 of this call, position 0 reads prev_idx. (A gather, not
+                # x[:, :-1]: a T - 1 slice would pin T to a constant in an exported graph.)
+                steps = torch.arange(t, device=idx.device)
+                before = torch.where(
+                    (steps == 0).view(1, t, 1), rms_norm(self.transformer.wte(prev_idx)).unsqueeze(1), x[:, (steps - 1).clamp(min=0)]
+                )
                 x = x + gate * before * (positions > 0).unsqueeze(-1).to(x.dtype)
         x0 = x.unsqueeze(-2).expand(*x.shape[:2], cfg.n_streams, cfg.n_embd)  # (B, T, n, D)
         value_embeds = {}
