@@ -63,3 +63,15 @@ def bundled_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled") / "data"
     prepare(PrepareOptions(out=str(out), bundled=True, vocab_size=512, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(bundled_data, tmp_path_factory):
+    """A tiny IDN-regularized model (L = 4, d = 64) trained 150 steps on the bundled corpus by the
+    real CLI; returns its last.ckpt (its config points at the data's tokenizer.json)."""
+    from cli_helpers import fit_args, snlp
+
+    where = tmp_path_factory.mktemp("trained")
+    snlp(*fit_args(bundled_data, "trained", "--trainer.max_steps", "150", "--trainer.limit_val_batches", "0",
+                   "--checkpoint.every_n_train_steps", "150"), cwd=where)
+    return where / "runs" / "trained" / "checkpoints" / "last.ckpt"

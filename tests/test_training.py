@@ -13,28 +13,7 @@ import torch
 
 from snlp_lightning.checkpoint_io import AtomicCheckpointIO
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = [
-    "--model.config.n_layer", "4", "--model.config.n_embd", "64", "--model.config.n_head", "2",
-    "--model.config.n_kv_head", "2", "--model.config.sequence_len", "64", "--model.config.vocab_size", "512",
-    "--model.regularizer.n_par_configs", "[2, 3]", "--model.eval_plans", "[idn:n2:K1, idn:n3:K2, idn:n4:2xF2:K1]",
-    "--data.seq_len", "64", "--data.batch_size", "8",
-]
-
-
-def snlp(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "snlp_lightning.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
-
-
-def fit_args(data: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.data_dir", str(data), *TINY_MODEL,
-        "--trainer.logger.init_args.name", name, "--checkpoint.dirpath", f"runs/{name}/checkpoints",
-        "--trainer.enable_progress_bar", "false", *extra,
-    ]
+from cli_helpers import ROOT, TINY_MODEL, fit_args, snlp
 
 
 def test_fit_then_validate_end_to_end(bundled_data, tmp_path):
