@@ -1,0 +1,336 @@
+"""``snlp-bench``: layer-parallel vs sequential, side by side in one process.
+
+    snlp-bench --checkpoint runs/quickstart/checkpoints/last.ckpt --data-dir data/bundled \\
+        --plans idn:n4:K1 idn:n6:K2 idn:n6:3xF2:K1 --out bench/quickstart
+    snlp-bench --preset plain --size 0.5b --device cuda --dtype bfloat16 --plans idn:n24:4xF6:K2 --no-quality
+    snlp-bench --checkpoint ... --data-dir ... --sweep --budget 0.05
+
+Sections (all in the same process, so the ratios share the machine's state):
+1. full forward of (1, T) tokens, T in --lengths: sequential eager and compiled, each plan compiled;
+   ms (median of --iters after --warmup), speedup vs sequential compiled, the ideal L / (S + K)
+   and the fraction of it reached;
+2. decode tokens/s at each --decode-batches: sequential eager, sequential compiled, each plan
+   compiled, self-speculative (drafts from --speculative-plan, verified exactly; output checked
+   identical to sequential greedy);
+3. quality per plan on the validation split: PPL, top-1 agreement and logit cosine vs sequential;
+4. --sweep: a grid of plans, the Pareto front of speedup vs PPL and the fastest plan within
+   --budget (relative PPL increase over sequential).
+Writes bench.md, bench.json and speedup_vs_ppl.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from snlp_lightning.solvers import SolverPlan
+
+from .compiled import compile_step, compile_steps, example_inputs, no_recompiles, warm_up
+from .decoder import DECODER_METHODS, LayerParallelDecoder
+from .generate import generate_tokens, speculative_tokens
+from .measure import quality, time_ms, validation_windows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snlp-bench", description="Layer-parallel vs sequential: speed and quality.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a .ckpt from snlp fit, or a nanochat checkpoint")
+    src.add_argument("--preset", help="random weights of a preset instead (plain, nanochat, mhc, mhc-dynamic)")
+    p.add_argument("--size", default=None, help="with --preset: a paper size (0.5b, 3b)")
+    p.add_argument("--plans", nargs="*", default=[], help="solver plans to measure")
+    p.add_argument("--data-dir", default=None, help="prepared data (its val split gives the PPL); none = no quality")
+    p.add_argument("--out", default="bench", help="output folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--lengths", type=int, nargs="*", default=[128, 2048], help="full-forward lengths T (capped at the model's)")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--iters", type=int, default=150)
+    p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per decode row (median)")
+    p.add_argument("--speculative-plan", default=None, help="drafting plan (default: the first plan)")
+    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--val-tokens", type=int, default=32768)
+    p.add_argument("--sweep", action="store_true", help="also measure a grid of plans and pick the fastest within --budget")
+    p.add_argument("--sweep-fuse", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--sweep-iters", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--sweep-inits", nargs="*", default=["h0"])
+    p.add_argument("--budget", type=float, default=0.05, help="sweep: allowed relative PPL increase over sequential")
+    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--no-decode", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"snlp-bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+def _load(args):
+    from .checkpoint import load_model, parse_dtype
+
+    device = torch.device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.checkpoint:
+        model, _ = load_model(args.checkpoint)
+    else:
+        from snlp_lightning import build_model
+
+        torch.manual_seed(0)
+        model = build_model(args.preset, args.size)
+    return model.to(device).eval(), device, dtype
+
+
+def sweep_plans(n_layer: int, mhc: bool, fuses, iters, inits) -> list[SolverPlan]:
+    """IDN (and HCN for mHC) at N in {L/4, L/2, 3L/4} x fusion M x K x init, every combination that fits."""
+    plans = []
+    for n in sorted({max(1, n_layer // 4), max(1, n_layer // 2), max(1, 3 * n_layer // 4)}):
+        for m in fuses:
+            if n % m:
+                continue
+            for k in iters:
+                for init in inits:
+                    for method in ("idn", "hcn") if mhc else ("idn",):
+                        fusion = f":{n // m}xF{m}" if m > 1 else ""
+                        plans.append(SolverPlan.parse(f"{method}:n{n}{fusion}:K{k}:{init}"))
+    return plans
+
+
+def run(args) -> str:
+    model, device, dtype = _load(args)
+    cfg = model.config
+    plans = [SolverPlan.parse(p).validate(cfg) for p in args.plans]
+    swept = sweep_plans(cfg.n_layer, cfg.use_mhc, args.sweep_fuse, args.sweep_iters, args.sweep_inits) if args.sweep else []
+    timed = list(dict.fromkeys(p for p in plans + swept if p.method in DECODER_METHODS))
+    skipped = [str(p) for p in plans if p.method not in DECODER_METHODS]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"header": header(model, device, dtype, args), "full": [], "decode": [], "quality": {}, "skipped_timing": skipped}
+    lengths = sorted({min(t, cfg.sequence_len) for t in args.lengths})
+    for length in lengths:
+        results["full"] += full_forward(model, timed, length, device, dtype, args)
+        print(f"full forward T={length}: done", file=sys.stderr)
+    if not args.no_decode:
+        for batch in args.decode_batches:
+            # Swept plans are ranked by the full forward; decode rows are for the named plans.
+            results["decode"] += decode_rows(model, [p for p in plans if p.method in DECODER_METHODS], batch, device, dtype, args)
+            print(f"decode batch {batch}: done", file=sys.stderr)
+    if args.data_dir and not args.no_quality:
+        windows = validation_windows(args.data_dir, min(cfg.sequence_len, lengths[0]), args.val_tokens)
+        results["quality"] = quality(model.float(), windows, list(dict.fromkeys(plans + swept)))
+        results["quality_tokens"] = int(windows[:, 1:].numel())
+    if swept:
+        results["sweep"] = choose(results, swept, lengths[0], args.budget)
+    report = markdown(results, cfg.n_layer)
+    (out / "bench.md").write_text(report + "\n")
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, lengths[0], out / "speedup_vs_ppl.png")
+    return report
+
+
+def header(model, device, dtype, args) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    cfg = model.config
+    return {
+        "command": "snlp-bench " + " ".join(sys.argv[1:]) if argv_is_cli() else "(python API)",
+        "device": f"{device.type}: {name}",
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "model": f"L={cfg.n_layer} d={cfg.n_embd} heads={cfg.n_head} mhc={cfg.use_mhc} vocab={cfg.vocab_size}",
+        "source": args.checkpoint or f"random weights, preset {args.preset} {args.size or ''}".strip(),
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name in ("snlp-bench", "bench.py") or sys.argv[0].endswith("export.bench")
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def full_forward(model, plans, length, device, dtype, args) -> list[dict]:
+    """(1, T) forward: the exact model (eager and compiled) and each plan's solver over all T positions."""
+    rows = []
+    seq = LayerParallelDecoder(model, "seq", batch_size=1, max_seq_len=length, dtype=dtype, device=device)
+    exact = lambda t, p, v: seq.prefill(t, p, v, exact=True)  # noqa: E731
+    with torch.inference_mode():  # inputs made here too: compiled graphs guard on inference-mode tensors
+        inputs = example_inputs(seq, length)
+        eager_ms = time_ms(lambda: exact(*inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
+        compiled = compile_step(exact, device=device)
+        warm_up(compiled, seq, tokens=length)
+        with no_recompiles():
+            seq_ms = time_ms(lambda: compiled(*inputs), device, args.warmup, args.iters)
+    rows.append(dict(plan="seq (eager)", T=length, ms=eager_ms, speedup=seq_ms / eager_ms, ideal=1.0))
+    rows.append(dict(plan="seq", T=length, ms=seq_ms, speedup=1.0, ideal=1.0))
+    del seq, compiled
+    for plan in plans:
+        decoder = LayerParallelDecoder(model, plan, batch_size=1, max_seq_len=length, dtype=dtype, device=device)
+        with torch.inference_mode():
+            step = compile_step(decoder.decode, device=device)
+            warm_up(step, decoder, tokens=length)
+            with no_recompiles():
+                ms = time_ms(lambda: step(*inputs), device, args.warmup, args.iters)
+        ideal = plan.ideal_speedup(model.config.n_layer)
+        rows.append(dict(plan=str(plan), T=length, ms=ms, speedup=seq_ms / ms, ideal=ideal))
+        del decoder, step
+        _release()
+    return rows
+
+
+def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
+    """tokens/s of greedy generation (prefill of --prompt-len included, one per run)."""
+    new, prompt_len = args.decode_tokens, args.prompt_len
+    room = prompt_len + new + args.draft_len + 2
+    if room > model.config.sequence_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --decode-tokens {new} + drafts exceed sequence_len={model.config.sequence_len}")
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
+    rows, reference = [], None
+
+    def measure(label: str, run) -> tuple[float, object]:
+        result, times = None, []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            result = run()
+            times.append(time.perf_counter() - start)
+        seconds = sorted(times)[len(times) // 2]
+        return batch * new / seconds, result
+
+    seq = LayerParallelDecoder(model, "seq", batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
+    with torch.inference_mode():
+        eager_tps, reference = measure("seq eager", lambda: generate_tokens(seq, prompts, new))
+        steps = compile_steps(seq)
+        warm_up(steps["decode"], seq)
+        with no_recompiles():
+            seq_tps, _ = measure("seq", lambda: generate_tokens(seq, prompts, new, steps=steps))
+    rows.append(dict(mode="seq (eager)", batch=batch, tokens_per_s=eager_tps, vs_seq=eager_tps / seq_tps, note=""))
+    rows.append(dict(mode="seq (compiled)", batch=batch, tokens_per_s=seq_tps, vs_seq=1.0, note=""))
+    del seq, steps
+    for plan in plans:
+        decoder = LayerParallelDecoder(model, plan, batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
+        with torch.inference_mode():
+            steps = compile_steps(decoder)
+            warm_up(steps["decode"], decoder)
+            with no_recompiles():
+                tps, _ = measure(str(plan), lambda: generate_tokens(decoder, prompts, new, steps=steps))
+        rows.append(dict(mode=f"{plan} (compiled)", batch=batch, tokens_per_s=tps, vs_seq=tps / seq_tps, note=""))
+        del decoder, steps
+        _release()
+    spec_plan = args.speculative_plan or (str(plans[0]) if plans else None)
+    if spec_plan:
+        drafter = LayerParallelDecoder(model, spec_plan, batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
+        with torch.inference_mode():
+            steps = compile_steps(drafter)
+            warm_up(steps["decode"], drafter)
+            warm_up(steps["verify"], drafter, tokens=args.draft_len + 1)
+            with no_recompiles():
+                tps, (tokens, stats) = measure("spec", lambda: speculative_tokens(drafter, prompts, new, args.draft_len, steps=steps))
+        same = "identical to seq greedy" if tokens == reference else "DIFFERS from seq greedy"
+        note = f"drafts {drafter.plan}, D={args.draft_len}, {stats.mean_accepted:.2f} accepted/round, {same}"
+        rows.append(dict(mode="self-speculative (compiled)", batch=batch, tokens_per_s=tps, vs_seq=tps / seq_tps, note=note))
+    return rows
+
+
+def choose(results: dict, swept: list[SolverPlan], length: int, budget: float) -> dict:
+    """Pareto front (speedup up, PPL down) over the swept plans and the fastest within the budget."""
+    speed = {r["plan"]: r["speedup"] for r in results["full"] if r["T"] == length}
+    qual = results["quality"]
+    seq_ppl = qual.get("seq", {}).get("ppl")
+    points = [(str(p), speed[str(p)], qual.get(str(p), {}).get("ppl")) for p in swept if str(p) in speed]
+    if seq_ppl is None:
+        return {"note": "no validation data: pass --data-dir to rank plans by PPL", "points": points}
+    front = [a for a in points if not any(b[1] >= a[1] and b[2] <= a[2] and b != a for b in points)]
+    within = [p for p in points if p[2] <= seq_ppl * (1 + budget)]
+    best = max(within, key=lambda p: p[1]) if within else None
+    return {"budget": budget, "seq_ppl": seq_ppl, "front": sorted(front, key=lambda p: -p[1]), "best": best}
+
+
+def markdown(results: dict, n_layer: int) -> str:
+    h = results["header"]
+    lines = [
+        "# snlp-bench", "",
+        f"- command: `{h['command']}`", f"- device: {h['device']} ({h['cpu_count']} CPU cores, {h['threads']} torch threads)",
+        f"- dtype {h['dtype']}, torch {h['torch']}, {h['date']}", f"- model: {h['model']} ({h['source']})",
+        f"- timing: median of {h['iters']} runs after {h['warmup']} warm-ups; compiled = torch.compile fullgraph"
+        + (" + CUDA graphs" if h["device"].startswith("cuda") else " (inductor C++)"), "",
+        "## Full forward, batch 1", "",
+        "| plan | T | ms | speedup vs seq compiled | ideal L/(S+K) | fraction of ideal |", "|---|---|---|---|---|---|",
+    ]
+    for r in results["full"]:
+        frac = r["speedup"] / r["ideal"]
+        lines.append(f"| {r['plan']} | {r['T']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {100 * frac:.0f}% |")
+    if results["decode"]:
+        lines += ["", "## Decode (greedy generation, prefill included)", "", "| mode | batch | tokens/s | vs seq compiled | note |", "|---|---|---|---|---|"]
+        for r in results["decode"]:
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['vs_seq']:.2f}x | {r['note']} |")
+    if results["quality"]:
+        seq = results["quality"]["seq"]["ppl"]
+        lines += ["", f"## Quality ({results['quality_tokens']} validation tokens)", "",
+                  "| plan | PPL | vs seq | top-1 agree | logit cosine |", "|---|---|---|---|---|"]
+        for plan, q in results["quality"].items():
+            lines.append(f"| {plan} | {q['ppl']:.3f} | {100 * (q['ppl'] / seq - 1):+.1f}% | {q['top1']:.3f} | {q['cosine']:.4f} |")
+    if results.get("skipped_timing"):
+        lines += ["", f"Not timed (the decoder serves {', '.join(DECODER_METHODS)}): {', '.join(results['skipped_timing'])}"]
+    sweep = results.get("sweep")
+    if sweep:
+        lines += ["", "## Plan search", ""]
+        if "front" in sweep:
+            lines.append(f"Pareto front (speedup at the first length vs PPL; sequential PPL {sweep['seq_ppl']:.3f}):")
+            lines += [f"- `{p}`: {s:.2f}x, PPL {q:.3f}" for p, s, q in sweep["front"]]
+            best = sweep["best"]
+            lines.append("")
+            lines.append(f"Fastest within +{100 * sweep['budget']:.0f}% PPL: " + (f"`{best[0]}` ({best[1]:.2f}x, PPL {best[2]:.3f})" if best else "none"))
+        else:
+            lines.append(sweep["note"])
+    return "\n".join(lines)
+
+
+def plot(results: dict, length: int, path: Path) -> None:
+    """Speedup (full forward at ``length``) against PPL, one point per plan."""
+    if not results["quality"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = {r["plan"]: r["speedup"] for r in results["full"] if r["T"] == length}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for plan, q in results["quality"].items():
+        if plan in speed:
+            ax.scatter(q["ppl"], speed[plan], color="black" if plan == "seq" else "tab:blue")
+            ax.annotate(plan, (q["ppl"], speed[plan]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("validation PPL")
+    ax.set_ylabel(f"speedup vs sequential compiled (1 x {length} forward)")
+    ax.set_title(results["header"]["device"], fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

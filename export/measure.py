@@ -1,0 +1,77 @@
+"""Timing and quality measurements for the benchmark (one process, side by side).
+
+Timings: ``warmup`` untimed calls, then ``iters`` timed calls with the device synchronised around
+each; the median is reported. Quality: PPL of a plan on validation windows, and its top-1
+agreement and logit cosine against the sequential model on the same windows.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from snlp_lightning.models.gpt import GPT
+from snlp_lightning.solvers import SolverPlan, snlp_forward
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def validation_windows(data_dir: str | Path, seq_len: int, max_tokens: int) -> Tensor:
+    """(W, seq_len + 1) token windows from the val split of a prepared data dir, up to max_tokens targets."""
+    from litdata import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    val = Path(data_dir) / "val"
+    if not val.is_dir():
+        raise FileNotFoundError(f"no validation split at {val}: prepare data with snlp-prepare, or pass --data-dir")
+    dataset = StreamingDataset(str(val), item_loader=TokensLoader(block_size=seq_len + 1))
+    count = max(1, min(len(dataset), max_tokens // seq_len))
+    return torch.stack([dataset[i].long() for i in range(count)])
+
+
+@torch.no_grad()
+def quality(model: GPT, windows: Tensor, plans: list[SolverPlan], batch: int = 8) -> dict[str, dict[str, float]]:
+    """Per plan (and "seq"): PPL, top-1 agreement and mean logit cosine vs sequential."""
+    sums = {str(p): {"nll": 0.0, "top1": 0.0, "cosine": 0.0} for p in plans}
+    seq_nll, count = 0.0, 0
+    device = model.lm_head.weight.device
+    for start in range(0, windows.size(0), batch):
+        chunk = windows[start : start + batch].to(device)
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        reference = model(inputs)
+        seq_nll += float(F.cross_entropy(reference.flatten(0, 1), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+        for plan in plans:
+            logits = snlp_forward(model, inputs, plan, generator=torch.Generator().manual_seed(start))
+            acc = sums[str(plan)]
+            acc["nll"] += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            acc["top1"] += float((logits.argmax(-1) == reference.argmax(-1)).sum())
+            acc["cosine"] += float(F.cosine_similarity(logits, reference, dim=-1).sum())
+    out = {"seq": {"ppl": math.exp(seq_nll / count), "top1": 1.0, "cosine": 1.0}}
+    for plan, acc in sums.items():
+        out[plan] = {"ppl": math.exp(acc["nll"] / count), "top1": acc["top1"] / count, "cosine": acc["cosine"] / count}
+    return out
