@@ -85,15 +85,20 @@ def speculative_generate(
         drafted = torch.stack(drafts, 1)  # (B, D)
         checked = verify(torch.cat([pending[:, None], drafted], 1), pos[:, None] + offsets, prev)  # (B, D + 1, V)
         accepted, extra = _accept(checked, drafted, draft_probs, temperature, top_k, generator)
+        # Finished rows stand still (their positions must stay inside the cache); the rest advance.
+        active = torch.tensor([len(e) < max_new_tokens for e in emitted], device=device)
         stats.rounds += 1
-        stats.row_rounds += count
-        stats.accepted += int(accepted[:count].sum())
         for row in range(rows):
-            a = int(accepted[row])
-            emitted[row] += drafted[row, :a].tolist() + [int(extra[row])]
+            if active[row]:
+                a = int(accepted[row])
+                emitted[row] += drafted[row, :a].tolist() + [int(extra[row])]
+                if row < count:
+                    stats.row_rounds += 1
+                    stats.accepted += a
         # The new pending token is `extra`; the token before it is the last accepted draft (or the old pending).
         before = torch.where(accepted > 0, drafted[rows_index, (accepted - 1).clamp(min=0)], pending)
-        prev, pending, pos = before, extra, pos + accepted + 1
+        prev, pending = torch.where(active, before, prev), torch.where(active, extra, pending)
+        pos = torch.where(active, pos + accepted + 1, pos)
     return [e[:max_new_tokens] for e in emitted[:count]], stats
 
 

@@ -88,7 +88,9 @@ def test_rows_at_different_positions_match_single_rows():
 def test_self_speculative_greedy_equals_sequential(preset, plan):
     model = tiny_model(preset, **LONG)
     prompts = prompts_for(model.config.vocab_size)
-    decoder = LayerParallelDecoder(model, plan, batch_size=3, max_seq_len=64)
+    # The tightest cache allowed: longest prompt + new tokens + D + 1. Rows finish at different
+    # rounds; a finished row must not walk past the cache while the others catch up.
+    decoder = LayerParallelDecoder(model, plan, batch_size=3, max_seq_len=9 + 30 + 3 + 1)
     got, stats = speculative_tokens(decoder, prompts, 30, draft_len=3)
     assert got == [sequential_greedy(model, p, 30) for p in prompts]
     assert stats.rounds > 0 and 0.0 <= stats.mean_accepted <= 3.0
