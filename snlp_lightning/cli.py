@@ -4,6 +4,7 @@
     snlp fit --config configs/quickstart.yaml --ckpt_path last          # resume exactly
     snlp validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     snlp fit --config configs/quickstart.yaml --print_config            # every field, overridable
+    snlp fit --config configs/quickstart.yaml --trainer.strategy fsdp --trainer.devices 2 --model.optim.optimizer adamw
 
 Config errors, missing data and bad checkpoints end with one line on stderr (exit code 2), not a
 traceback; set SNLP_TRACEBACK=1 to see the traceback.
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .checkpoint_io import AtomicCheckpointIO
+from .strategy import BlockFSDPStrategy
 from .config import ConfigError
 from .data import DataError, TokenDataModule
 from .models.gpt import TokenRangeError
@@ -34,6 +36,15 @@ class SNLPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """``trainer.strategy: fsdp`` means SNLP's FSDP: one unit per Block (``strategy.BlockFSDPStrategy``)."""
+        if config.get("strategy") == "fsdp":
+            config["strategy"] = BlockFSDPStrategy()
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        self.model.check_strategy(self.trainer.strategy, fitting=True)  # fail before other processes start
 
     def _parse_ckpt_path(self) -> None:
         """Take the model architecture (and only it) from the checkpoint given with --ckpt_path.

@@ -3,6 +3,11 @@
 Training loss (spec section 4): CE of the sequential model + w(step) * regularizer, w ramping from 0
 to 1 over the first ``warmup_fraction`` of the steps. Validation: sequential PPL, and for every plan
 in ``eval_plans`` its PPL, top-1 agreement and logit cosine against the sequential logits.
+
+Under FSDP (one unit per Block, ``strategy.BlockFSDPStrategy``) a block's weights are whole only
+inside its own forward, so the regularizer evaluates its suffix blocks one ``model.block`` call each
+(``per_block``), and validation runs the stacked solver plans on an unsharded copy of the model
+gathered once per validation.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 
@@ -21,7 +27,7 @@ from .config import ConfigError, ModelConfig
 from .models.gpt import GPT
 from .models.nanochat_io import load_nanochat
 from .optim import OptimConfig, build_optimizer
-from .regularizer import RegularizerConfig, snlp_regularizer, warmup_weight
+from .regularizer import RegularizerConfig, diag_probes, snlp_regularizer, warmup_weight
 from .solvers import SolverPlan, snlp_forward
 
 
@@ -42,7 +48,7 @@ class SNLPModule(L.LightningModule):
         regularizer: lambdas, ``n_par_configs``, stride, detach, warmup fraction (all lambdas 0 = baseline).
         optim: optimizer and schedule (nanochat's Muon + AdamW groups).
         eval_plans: solver plans measured at validation, e.g. ``["idn:n4:K1", "idn:n4:K2"]``.
-        compile: ``torch.compile`` the training loss computation.
+        compile: ``torch.compile`` the training loss computation (CE + regularizer, forward and backward).
         init_from: a nanochat checkpoint (``model_*.pt`` with ``meta_*.json``) to start from; its
             config replaces ``config``.
         probe_seed: seeds the DiagN regularizer probes (per step, so resumed runs draw the same probes).
@@ -80,7 +86,12 @@ class SNLPModule(L.LightningModule):
                 "probe_seed": probe_seed,
             }
         )
-        self._losses = torch.compile(self.compute_losses) if compile else self.compute_losses
+        # Inductor's attention-fusion patterns (fuse_attention._sfdp_pattern_29, torch 2.13) rewrite the
+        # 5-D (G, B, H, T, hd) attention of the batched blocks into a 4-D SDPA call and fail to compile:
+        # the pattern matcher stays off for this graph.
+        self._losses = torch.compile(self._loss_graph, options={"pattern_matcher": False}) if compile else self._loss_graph
+        self.per_block = False  # set in setup under FSDP: the regularizer calls each block's own forward
+        self._full_model: GPT | None = None  # under FSDP, during validation: an unsharded copy
         self.val_ce = SumMetric()
         self.val_tokens = SumMetric()
         self.plan_ce = torch.nn.ModuleDict({_metric_key(p): SumMetric() for p in self.plans})
@@ -90,7 +101,7 @@ class SNLPModule(L.LightningModule):
         self.last_tokens = 0
         self._step_start = None
 
-    # -- data checks ------------------------------------------------------------------------------
+    # -- data and strategy checks -----------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_vocab = getattr(datamodule, "vocab_size", None)
@@ -102,17 +113,48 @@ class SNLPModule(L.LightningModule):
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and seq_len > self.config.sequence_len:
             raise ConfigError(f"data.seq_len={seq_len} exceeds model.config.sequence_len={self.config.sequence_len}")
+        if self._trainer is not None:
+            self.per_block = self.check_strategy(self.trainer.strategy, fitting=stage == "fit")
+
+    def check_strategy(self, strategy, fitting: bool) -> bool:
+        """True under FSDP (the regularizer then calls the blocks one by one); a ConfigError for
+        settings FSDP cannot run. The CLI calls it before it starts the other processes."""
+        if not isinstance(strategy, FSDPStrategy):
+            return False
+        if not strategy.kwargs.get("use_orig_params"):
+            raise ConfigError(
+                f"trainer.strategy {type(strategy).__name__} without use_orig_params=True is not supported: "
+                "use --trainer.strategy fsdp (snlp_lightning.strategy.BlockFSDPStrategy)"
+            )
+        if fitting and self.optim_config.optimizer == "muon_adamw":
+            raise ConfigError(
+                "optim.optimizer='muon_adamw' does not work under FSDP (torch's Muon needs whole 2-D matrices, "
+                "FSDP shards them): set --model.optim.optimizer adamw"
+            )
+        return True
 
     # -- training ---------------------------------------------------------------------------------
     def compute_losses(self, inputs: torch.Tensor, targets: torch.Tensor, reg_weight: torch.Tensor, step: int) -> dict:
-        """CE of the sequential model plus the weighted regularizer. inputs, targets: (B, T)."""
+        """CE of the sequential model plus the weighted regularizer. inputs, targets: (B, T).
+
+        The DiagN probes are drawn here from (probe_seed, step), outside the compiled graph, so
+        ``compile: true`` compiles once and does not recompile for every step.
+        """
+        probes = None
+        if self.regularizer.lambda_diag:
+            gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step)
+            shape = (*inputs.shape, self.config.n_streams, self.config.n_embd)
+            probes = diag_probes(shape, len(self.regularizer.n_par_list(self.config.n_layer)), gen).to(inputs.device)
+        return self._losses(inputs, targets, reg_weight, probes)
+
+    def _loss_graph(self, inputs: torch.Tensor, targets: torch.Tensor, reg_weight: torch.Tensor, probes: torch.Tensor | None):
+        """The compiled part of ``compute_losses``. probes: (len(n_par_configs), B, T, n, D) or None."""
         block_inputs, trace = self.model.forward_trace(inputs)
         logits = self.model.head(trace[-1], trace[self.model.backout_layer + 1])
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         out = {"ce": ce, "loss": ce}
         if self.regularizer.active:
-            gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step)
-            terms = snlp_regularizer(self.model, block_inputs, trace, self.regularizer, generator=gen)
+            terms = snlp_regularizer(self.model, block_inputs, trace, self.regularizer, probes=probes, per_block=self.per_block)
             out["loss"] = ce + reg_weight * terms["total"]
             out.update({f"reg_{k}": v for k, v in terms.items()})
         return out
@@ -120,7 +162,7 @@ class SNLPModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
         weight = warmup_weight(self.global_step, self.schedule_steps, self.regularizer.warmup_fraction)
-        losses = self._losses(inputs, targets, torch.tensor(weight, device=inputs.device), self.global_step)
+        losses = self.compute_losses(inputs, targets, torch.tensor(weight, device=inputs.device), self.global_step)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -144,8 +186,18 @@ class SNLPModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
+        if self.per_block:  # FSDP: each rank holds a shard of every gradient; sum the squares over ranks
+            squares = sum((g.float().square().sum() for g in grads), torch.zeros((), device=self.device))
+            self.log("train/grad_norm", self.trainer.strategy.reduce(squares, reduce_op="sum").sqrt())
+        elif grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Norm clipping under FSDP goes through the root FSDP unit (the norm over all shards)."""
+        if self.per_block and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @property
     def schedule_steps(self) -> int:
@@ -157,20 +209,37 @@ class SNLPModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self):
+        if self.per_block and self.plans:
+            self.__dict__["_full_model"] = self._gather_full_model()  # not a registered submodule: no state-dict keys
+
+    def _gather_full_model(self) -> GPT:
+        """Under FSDP: this rank's unsharded copy of the model (the stacked plans read all blocks at once)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(self.trainer.model, writeback=False), torch.no_grad():
+            state = {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for name, p in self.model.named_parameters()}
+        with torch.device(self.device):
+            full = GPT(self.config)
+        full.load_state_dict(state)
+        return full.to(self.model.transformer.wte.weight.dtype).eval()
+
     def validation_step(self, batch, batch_idx):
         inputs, targets = batch
-        reference = self.model(inputs)
+        model = self.model if self._full_model is None else self._full_model
+        reference = model(inputs)
         self.val_ce.update(F.cross_entropy(reference.flatten(0, 1), targets.flatten(), reduction="sum"))
         self.val_tokens.update(torch.tensor(float(targets.numel()), device=inputs.device))
         for plan in self.plans:
             key = _metric_key(plan)
             gen = torch.Generator().manual_seed(self.probe_seed + batch_idx)
-            logits = snlp_forward(self.model, inputs, plan, generator=gen)
+            logits = snlp_forward(model, inputs, plan, generator=gen)
             self.plan_ce[key].update(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
             self.plan_top1[key].update((logits.argmax(-1) == reference.argmax(-1)).float().flatten())
             self.plan_cosine[key].update(F.cosine_similarity(logits, reference, dim=-1).flatten())
 
     def on_validation_epoch_end(self):
+        self._full_model = None
         tokens = self.val_tokens.compute()
         if float(tokens) == 0:
             return

@@ -8,6 +8,10 @@ corrected states, and the relative error against the sequential states is penali
 
 (float32). Compared suffix indices j (from 0): ``(j + 1) % stride == 0 or j == N - 1``, j >= 1.
 Total loss: CE + w(step) * (lambda_idn L_idn + lambda_hcn L_hcn + lambda_diag L_diag).
+
+``per_block=True`` evaluates the N suffix blocks one ``model.block`` call each instead of one batched
+call over stacked weights: the same values, but every block runs through its own module call, so
+FSDP (one unit per Block) gathers that block's sharded parameters for it.
 """
 
 from __future__ import annotations
@@ -97,14 +101,22 @@ def _suffix_error(corrected: Tensor, trace: list[Tensor], start: int, indices: l
     return total
 
 
-def _suffix_outputs(model: GPT, inputs: BlockInputs, h_init: Tensor, first: int):
-    """F_j(h_init) for every block j >= first in one batched call: (N, B, T, n, D), and A_j."""
+def _suffix_outputs(model: GPT, inputs: BlockInputs, h_init: Tensor, first: int, per_block: bool = False):
+    """F_j(h_init) for every block j >= first: (N, B, T, n, D), and A_j (N, b, t, n, n) or None.
+
+    One batched call over the stacked weights, or (``per_block``) one ``model.block`` call per block.
+    """
+    if per_block:
+        outs, mixing = zip(*(model.block(layer, h_init, inputs) for layer in range(first, model.config.n_layer)))
+        return torch.stack(outs), None if mixing[0] is None else torch.stack(mixing)
     layers = [[layer] for layer in range(first, model.config.n_layer)]
     stacked = h_init.unsqueeze(0).expand(len(layers), *h_init.shape)
     return wide_block_forward(stack_blocks(model, layers), stacked, inputs)
 
 
-def idn_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, stride: int, detach: bool) -> Tensor:
+def idn_term(
+    model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, stride: int, detach: bool, per_block: bool = False
+) -> Tensor:
     L = model.config.n_layer
     start = L - n_par
     h_init = trace[start]
@@ -112,35 +124,46 @@ def idn_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, s
         out, _ = model.block(L - 1, h_init, inputs)
         target = trace[L].detach() if detach else trace[L]
         return relative_error(out, target)
-    outs, _ = _suffix_outputs(model, inputs, h_init, start)
+    outs, _ = _suffix_outputs(model, inputs, h_init, start, per_block)
     corrected = h_init + torch.cumsum(outs - h_init, dim=0)  # IDN, K = 1, h0 init
     return _suffix_error(corrected, trace, start, compared_indices(n_par, stride), detach)
 
 
-def hcn_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, stride: int, detach: bool) -> Tensor:
+def hcn_term(
+    model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, stride: int, detach: bool, per_block: bool = False
+) -> Tensor:
     L = model.config.n_layer
     start = L - n_par
     h_init = trace[start]
-    outs, mixing = _suffix_outputs(model, inputs, h_init, start)  # mixing: differentiable H_res products
+    outs, mixing = _suffix_outputs(model, inputs, h_init, start, per_block)  # mixing: differentiable H_res products
     deltas = linear_scan(outs - h_init, lambda c, d: torch.matmul(mixing[c], d))
     corrected = h_init + deltas
     indices = compared_indices(n_par, stride) if stride > 0 else [n_par - 1]
     return _suffix_error(corrected, trace, start, indices, detach)
 
 
-def diag_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, generator: torch.Generator | None) -> Tensor:
-    """DiagN K = 1 with one Rademacher z shared by the N blocks; compares the last block, detached."""
+def diag_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], n_par: int, z: Tensor, per_block: bool = False) -> Tensor:
+    """DiagN K = 1 with one Rademacher z (B, T, n, D) shared by the N blocks; compares the last block, detached."""
     L = model.config.n_layer
     start = L - n_par
     h_init = trace[start]
-    outs, _ = _suffix_outputs(model, inputs, h_init, start)
-    z = rademacher(h_init, generator)
+    outs, _ = _suffix_outputs(model, inputs, h_init, start, per_block)
+    z = z.to(device=h_init.device, dtype=h_init.dtype)
     with torch.no_grad():
-        perturbed, _ = _suffix_outputs(model, inputs, h_init + DIAG_EPS * z, start)
+        perturbed, _ = _suffix_outputs(model, inputs, h_init + DIAG_EPS * z, start, per_block)
         wide = torch.promote_types(outs.dtype, torch.float32)
         diag = (z * (perturbed.to(wide) - outs.detach().to(wide)) / DIAG_EPS).clamp(-DIAG_CLAMP, DIAG_CLAMP).to(outs.dtype)
     corrected = h_init + linear_scan(outs - h_init, lambda c, d: diag[c] * d)
     return relative_error(corrected[-1], trace[L].detach())
+
+
+def diag_probes(shape: tuple[int, ...], count: int, generator: torch.Generator | None = None) -> Tensor:
+    """``count`` Rademacher probes of ``shape`` (B, T, n, D), one per N config: (count, B, T, n, D), float32, CPU.
+
+    Drawn in order from ``generator`` on the CPU, so the values do not depend on the device.
+    """
+    like = torch.empty(()).expand(*shape)  # shape only, no memory
+    return torch.stack([rademacher(like, generator) for _ in range(count)])
 
 
 def snlp_regularizer(
@@ -149,9 +172,13 @@ def snlp_regularizer(
     trace: list[Tensor],
     cfg: RegularizerConfig,
     generator: torch.Generator | None = None,
+    probes: Tensor | None = None,
+    per_block: bool = False,
 ) -> dict[str, Tensor]:
     """The weighted regularizer terms from a sequential trace [h_0..h_L] (each (B, T, n, D)).
 
+    DiagN probes: ``probes`` (len(n_par_configs), B, T, n, D) if given (e.g. drawn outside a compiled
+    graph), else drawn from ``generator`` with ``diag_probes``. ``per_block``: see the module docstring.
     Returns {"idn": L_idn, "hcn": L_hcn, "diag": L_diag, "total": sum_k lambda_k L_k} (float32);
     a term whose lambda is 0 is not computed (returned as 0).
     """
@@ -159,10 +186,12 @@ def snlp_regularizer(
     terms = {"idn": zero, "hcn": zero, "diag": zero}
     n_list = cfg.n_par_list(model.config.n_layer)
     if cfg.lambda_idn:
-        terms["idn"] = sum((idn_term(model, inputs, trace, n, cfg.stride, cfg.detach) for n in n_list), zero)
+        terms["idn"] = sum((idn_term(model, inputs, trace, n, cfg.stride, cfg.detach, per_block) for n in n_list), zero)
     if cfg.lambda_hcn:
-        terms["hcn"] = sum((hcn_term(model, inputs, trace, n, cfg.stride, cfg.detach) for n in n_list), zero)
+        terms["hcn"] = sum((hcn_term(model, inputs, trace, n, cfg.stride, cfg.detach, per_block) for n in n_list), zero)
     if cfg.lambda_diag:
-        terms["diag"] = sum((diag_term(model, inputs, trace, n, generator) for n in n_list), zero)
+        if probes is None:
+            probes = diag_probes(tuple(trace[0].shape), len(n_list), generator)
+        terms["diag"] = sum((diag_term(model, inputs, trace, n, z, per_block) for n, z in zip(n_list, probes)), zero)
     terms["total"] = cfg.lambda_idn * terms["idn"] + cfg.lambda_hcn * terms["hcn"] + cfg.lambda_diag * terms["diag"]
     return terms

@@ -86,6 +86,24 @@ def test_regularizer_equals_direct_computation(preset, kind, stride, detach):
         assert (a - b).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("preset, kind, stride, detach", CASES)
+def test_per_block_path_equals_the_batched_path(preset, kind, stride, detach):
+    """FSDP's path (one model.block call per suffix block) gives the batched path's values and gradients."""
+    model = tiny_model(preset)
+    cfg = RegularizerConfig(**{f"lambda_{kind}": 0.5}, n_par_configs=[2, 4, 6], stride=stride, detach=detach)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for per_block in (False, True):
+        inputs, trace = model.forward_trace(tokens())
+        total = snlp_regularizer(model, inputs, trace, cfg, generator=torch.Generator().manual_seed(0), per_block=per_block)["total"]
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        results.append((total, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]))
+    (batched, grads_batched), (per_block, grads_per_block) = results
+    assert batched.item() > 1e-3 and abs(batched.item() - per_block.item()) < 1e-12
+    for a, b in zip(grads_batched, grads_per_block):
+        assert (a - b).abs().max() < 1e-12
+
+
 def test_detach_stops_gradients_through_the_target():
     model = tiny_model("plain")
     idx = tokens()
