@@ -11,8 +11,8 @@ one. After step 4 one validation (sequential + two solver plans) runs on a fixed
 set; its table goes into OUT.json. ``--ckpt`` saves the final checkpoint (under FSDP one full file,
 written by rank 0); ``--resume`` continues a run from a checkpoint up to ``--steps``.
 ``--strategy fsdp`` is ``BlockFSDPStrategy`` (one FSDP unit per Block). Gradients are clipped to norm
-0.1 (below their norm, so clipping acts in every step). The optimizer is AdamW
-for every strategy (torch's Muon cannot run on FSDP shards) and the schedule spans 4 steps.
+0.1 (below their norm, so clipping acts in every step). ``--optimizer``: ``adamw`` (default; torch's
+Muon cannot run on FSDP shards) or ``muon_adamw``; the schedule spans 4 steps.
 Run by tests/test_distributed.py in a subprocess: Lightning's launcher re-runs this script.
 """
 
@@ -37,12 +37,12 @@ SEQ = 16
 EVAL_PLANS = ["idn:n2:K1", "idn:n4:2xF2:K1"]
 
 
-def tiny_module() -> SNLPModule:
+def tiny_module(optimizer: str = "adamw") -> SNLPModule:
     config = make_config("nanochat", n_layer=4, n_embd=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, sequence_len=SEQ)
     return SNLPModule(
         config=config,
         regularizer=RegularizerConfig(lambda_idn=0.5, n_par_configs=[2, 3], stride=1, warmup_fraction=0.0),
-        optim=OptimConfig(optimizer="adamw", schedule_steps=4),
+        optim=OptimConfig(optimizer=optimizer, schedule_steps=4),
         eval_plans=EVAL_PLANS,
     )
 
@@ -94,9 +94,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon_adamw"])
     args = parser.parse_args()
     L.seed_everything(0)
-    module = tiny_module()
+    module = tiny_module(args.optimizer)
     recorder = RecordLoss()
     strategy = "auto" if args.devices == 1 else BlockFSDPStrategy() if args.strategy == "fsdp" else "ddp"
     trainer = L.Trainer(
