@@ -99,6 +99,10 @@ def speculative_generate(
         before = torch.where(accepted > 0, drafted[rows_index, (accepted - 1).clamp(min=0)], pending)
         prev, pending = torch.where(active, before, prev), torch.where(active, extra, pending)
         pos = torch.where(active, pos + accepted + 1, pos)
+        # A row that just finished may sit up to D positions past the cache's room: park it at its
+        # prompt's end (it only rewrites its own, no longer needed, cache row from then on).
+        finished = torch.tensor([len(e) >= max_new_tokens for e in emitted], device=device)
+        pos = torch.where(finished, lengths, pos)
     return [e[:max_new_tokens] for e in emitted[:count]], stats
 
 

@@ -87,7 +87,7 @@ def test_rows_at_different_positions_match_single_rows():
 @pytest.mark.parametrize("preset,plan", [("plain", "idn:n4:K1"), ("nanochat", "idn:n4:2xF2:K1"), ("mhc", "hcn:n5:K1")])
 def test_self_speculative_greedy_equals_sequential(preset, plan):
     model = tiny_model(preset, **LONG)
-    prompts = prompts_for(model.config.vocab_size)
+    prompts = prompts_for(model.config.vocab_size, (9, 9, 9))
     # The tightest cache allowed: longest prompt + new tokens + D + 1. Rows finish at different
     # rounds; a finished row must not walk past the cache while the others catch up.
     decoder = LayerParallelDecoder(model, plan, batch_size=3, max_seq_len=9 + 30 + 3 + 1)
