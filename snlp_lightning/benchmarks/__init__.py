@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m snlp_lightning.benchmarks.regularizer_overhead``."""
