@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        report = run(args)
+        report = run(args, command="snlp-bench " + " ".join(argv))
     except (ValueError, FileNotFoundError) as err:
         print(f"snlp-bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -111,7 +112,7 @@ def sweep_plans(n_layer: int, mhc: bool, fuses, iters, inits) -> list[SolverPlan
     return plans
 
 
-def run(args) -> str:
+def run(args, command: str = "(python API)") -> str:
     model, device, dtype = _load(args)
     cfg = model.config
     plans = [SolverPlan.parse(p).validate(cfg) for p in args.plans]
@@ -120,7 +121,7 @@ def run(args) -> str:
     skipped = [str(p) for p in plans if p.method not in DECODER_METHODS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"header": header(model, device, dtype, args), "full": [], "decode": [], "quality": {}, "skipped_timing": skipped}
+    results = {"header": header(model, device, dtype, args, command), "full": [], "decode": [], "quality": {}, "skipped_timing": skipped}
     lengths = sorted({min(t, cfg.sequence_len) for t in args.lengths})
     for length in lengths:
         results["full"] += full_forward(model, timed, length, device, dtype, args)
@@ -143,11 +144,11 @@ def run(args) -> str:
     return report
 
 
-def header(model, device, dtype, args) -> dict:
+def header(model, device, dtype, args, command: str) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     cfg = model.config
     return {
-        "command": "snlp-bench " + " ".join(sys.argv[1:]) if argv_is_cli() else "(python API)",
+        "command": command,
         "device": f"{device.type}: {name}",
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -161,10 +162,6 @@ def header(model, device, dtype, args) -> dict:
     }
 
 
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name in ("snlp-bench", "bench.py") or sys.argv[0].endswith("export.bench")
-
-
 def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -175,7 +172,7 @@ def full_forward(model, plans, length, device, dtype, args) -> list[dict]:
     """(1, T) forward: the exact model (eager and compiled) and each plan's solver over all T positions."""
     rows = []
     seq = LayerParallelDecoder(model, "seq", batch_size=1, max_seq_len=length, dtype=dtype, device=device)
-    exact = lambda t, p, v: seq.prefill(t, p, v, exact=True)  # noqa: E731
+    exact = seq.prefill_exact
     with torch.inference_mode():  # inputs made here too: compiled graphs guard on inference-mode tensors
         inputs = example_inputs(seq, length)
         eager_ms = time_ms(lambda: exact(*inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
@@ -210,7 +207,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
     prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     rows, reference = [], None
 
-    def measure(label: str, run) -> tuple[float, object]:
+    def measure(run) -> tuple[float, object]:
         result, times = None, []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -221,11 +218,11 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
 
     seq = LayerParallelDecoder(model, "seq", batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
     with torch.inference_mode():
-        eager_tps, reference = measure("seq eager", lambda: generate_tokens(seq, prompts, new))
+        eager_tps, reference = measure(lambda: generate_tokens(seq, prompts, new))
         steps = compile_steps(seq)
         warm_up(steps["decode"], seq)
         with no_recompiles():
-            seq_tps, _ = measure("seq", lambda: generate_tokens(seq, prompts, new, steps=steps))
+            seq_tps, _ = measure(lambda: generate_tokens(seq, prompts, new, steps=steps))
     rows.append(dict(mode="seq (eager)", batch=batch, tokens_per_s=eager_tps, vs_seq=eager_tps / seq_tps, note=""))
     rows.append(dict(mode="seq (compiled)", batch=batch, tokens_per_s=seq_tps, vs_seq=1.0, note=""))
     del seq, steps
@@ -235,7 +232,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
             steps = compile_steps(decoder)
             warm_up(steps["decode"], decoder)
             with no_recompiles():
-                tps, _ = measure(str(plan), lambda: generate_tokens(decoder, prompts, new, steps=steps))
+                tps, _ = measure(lambda: generate_tokens(decoder, prompts, new, steps=steps))
         rows.append(dict(mode=f"{plan} (compiled)", batch=batch, tokens_per_s=tps, vs_seq=tps / seq_tps, note=""))
         del decoder, steps
         _release()
@@ -247,7 +244,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
             warm_up(steps["decode"], drafter)
             warm_up(steps["verify"], drafter, tokens=args.draft_len + 1)
             with no_recompiles():
-                tps, (tokens, stats) = measure("spec", lambda: speculative_tokens(drafter, prompts, new, args.draft_len, steps=steps))
+                tps, (tokens, stats) = measure(lambda: speculative_tokens(drafter, prompts, new, args.draft_len, steps=steps))
         same = "identical to seq greedy" if tokens == reference else "DIFFERS from seq greedy"
         note = f"drafts {drafter.plan}, D={args.draft_len}, {stats.mean_accepted:.2f} accepted/round, {same}"
         rows.append(dict(mode="self-speculative (compiled)", batch=batch, tokens_per_s=tps, vs_seq=tps / seq_tps, note=note))

@@ -18,7 +18,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from .decoder import LayerParallelDecoder
+from .decoder import LayerParallelDecoder, example_inputs
 from .runtime import Step
 
 # Every decoder (one per plan) compiles the same Python code with a different `self`; dynamo
@@ -83,20 +83,11 @@ def compile_steps(decoder: LayerParallelDecoder, cuda_graphs: bool | None = None
     """Compiled ``decode`` (the plan's step) and ``verify`` (the exact model over several tokens,
     for self-speculative decoding and sequential full forwards)."""
     device = decoder.k_cache.device
-    verify = lambda t, p, v: decoder.prefill(t, p, v, exact=True)  # noqa: E731
+    # Prefills stay eager (generate.py's defaults): prompts vary in length and would recompile.
     return {
         "decode": compile_step(decoder.decode, cuda_graphs, device),
-        "verify": compile_step(verify, cuda_graphs, device),
-        "prefill_exact": verify,  # prompts vary in length: eager keeps it from recompiling per prompt
+        "verify": compile_step(decoder.prefill_exact, cuda_graphs, device),
     }
-
-
-def example_inputs(decoder: LayerParallelDecoder, tokens: int, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """(tokens, positions, prev) of shape (B, T), (B, T), (B,) at positions start .. start + T - 1."""
-    b, device = decoder.batch_size, decoder.k_cache.device
-    ids = torch.ones(b, tokens, dtype=torch.long, device=device)
-    positions = (start + torch.arange(tokens, device=device)).expand(b, tokens).contiguous()
-    return ids, positions, torch.zeros(b, dtype=torch.long, device=device)
 
 
 def warm_up(step: Step, decoder: LayerParallelDecoder, tokens: int = 1, iters: int = 3) -> None:

@@ -2,6 +2,7 @@
 
     decoder = LayerParallelDecoder(model, "idn:n6:3xF2:K2", batch_size=1, max_seq_len=256)
     logits = decoder.prefill(tokens, positions, prev)      # exact (chunk-)sequential, fills the cache
+    logits = decoder.prefill_exact(tokens, positions, prev)  # the sequential model, whatever the fusion
     logits = decoder.decode(tokens, positions, prev)       # S exact blocks, then K parallel iterations
 
 Every block weight is stacked (and fused per the plan) once, here, in the inference dtype: a
@@ -143,13 +144,18 @@ class LayerParallelDecoder(nn.Module):
         return self._chunks.build(k_cache=view(caches[0]), v_cache=view(caches[1]))
 
     # -- entry points -----------------------------------------------------------------------------
-    def prefill(self, tokens: Tensor, positions: Tensor, prev: Tensor, exact: bool = False, caches=None) -> Tensor:
-        """Fill the cache with a (chunk-)sequential pass; ``exact`` runs every layer unfused (the
-        sequential model, whatever the plan's fusion). Returns logits (B, T, vocab).
+    def prefill(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches=None) -> Tensor:
+        """Fill the cache with the plan's fixed point: the sequential model, or for a fused plan its
+        chunks one after another. Returns logits (B, T, vocab).
 
         ``caches``: (k, v) to use instead of the decoder's own (the exported graphs take them as inputs).
         """
-        return self._forward(tokens, positions, prev, "exact" if exact or not self.plan.n_par else "chunks", caches)
+        return self._forward(tokens, positions, prev, "chunks" if self.plan.n_par else "exact", caches)
+
+    def prefill_exact(self, tokens: Tensor, positions: Tensor, prev: Tensor) -> Tensor:
+        """The exact sequential model over T tokens per row, writing the per-layer cache: the prompt
+        prefill and the verifier of self-speculative decoding, and the sequential full forward."""
+        return self._forward(tokens, positions, prev, "exact")
 
     def decode(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches=None) -> Tensor:
         """One step of the plan: S exact blocks, K parallel iterations, then the kv refresh."""
@@ -182,6 +188,14 @@ class LayerParallelDecoder(nn.Module):
         if self.backout_layer >= self.prefix_len:
             backout = states[(self.backout_layer - self.prefix_len) // self.plan.fuse]
         return self.shell.head(states[-1], backout)
+
+
+def example_inputs(decoder: LayerParallelDecoder, tokens: int, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(tokens, positions, prev) of shape (B, T), (B, T), (B,) at positions start .. start + T - 1."""
+    b, device = decoder.batch_size, decoder.k_cache.device
+    ids = torch.ones(b, tokens, dtype=torch.long, device=device)
+    positions = (start + torch.arange(tokens, device=device)).expand(b, tokens).contiguous()
+    return ids, positions, torch.zeros(b, dtype=torch.long, device=device)
 
 
 def _shell_copy(model: GPT, device, dtype) -> GPT:

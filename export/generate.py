@@ -18,9 +18,9 @@ def _steps(decoder: LayerParallelDecoder, steps: dict[str, Step] | None) -> dict
     """The decoder's eager entry points, overridden by any compiled ones given in ``steps``."""
     eager = {
         "prefill": decoder.prefill,
-        "prefill_exact": lambda t, p, v: decoder.prefill(t, p, v, exact=True),
+        "prefill_exact": decoder.prefill_exact,
         "decode": decoder.decode,
-        "verify": lambda t, p, v: decoder.prefill(t, p, v, exact=True),
+        "verify": decoder.prefill_exact,
     }
     return {**eager, **(steps or {})}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .decoder import LayerParallelDecoder
+from .decoder import LayerParallelDecoder, example_inputs
 
 FORMAT = "snlp-export/1"
 RUNTIME_FILES = ("__init__.py", "runtime.py", "text.py", "standalone.py")
@@ -60,14 +60,7 @@ class _Entry(nn.Module):
 
 
 def _compile_entry(decoder: LayerParallelDecoder, entry: str, tokens: int, dynamic: bool) -> list[str]:
-    b, device = decoder.batch_size, decoder.k_cache.device
-    args = (
-        torch.ones(b, tokens, dtype=torch.long, device=device),
-        torch.arange(tokens, device=device).expand(b, tokens).contiguous(),
-        torch.zeros(b, dtype=torch.long, device=device),
-        torch.zeros_like(decoder.k_cache),
-        torch.zeros_like(decoder.v_cache),
-    )
+    args = (*example_inputs(decoder, tokens), torch.zeros_like(decoder.k_cache), torch.zeros_like(decoder.v_cache))
     shapes = None
     if dynamic:
         t = torch.export.Dim("T", min=1, max=decoder.max_seq_len)

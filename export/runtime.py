@@ -9,6 +9,7 @@ adds one token per row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -66,6 +67,49 @@ def pad_prompts(prompts: Sequence[Sequence[int]], rows: int, room: int, max_seq_
     return tokens.to(device), lengths.to(device)
 
 
+@dataclass
+class Prefilled:
+    """Rows after the prompt's prefill: the logits (rows, V) and the token (rows,) at each row's last
+    prompt position, each row's length (rows,) = the position of its first new token, and the
+    sampling generator (None when greedy)."""
+
+    last_logits: Tensor
+    last_token: Tensor
+    lengths: Tensor
+    generator: torch.Generator | None
+
+
+def start_generation(
+    prefill: Step,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    room: int,
+    *,
+    rows: int,
+    max_seq_len: int,
+    device: torch.device | str,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> Prefilled:
+    """Check the settings, right-pad the prompts (``room`` positions must remain after each) and
+    prefill them in one call.
+
+    Prompts of different lengths share one prefill; padding positions are written to the cache but
+    every row continues at its own length, so they are overwritten before they could be read.
+    """
+    check_sampling(temperature, top_k)
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+    tokens, lengths = pad_prompts(prompts, rows, room, max_seq_len, device)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens).contiguous()
+    rows_index = torch.arange(rows, device=device)
+    logits = prefill(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
+    last = lengths - 1
+    return Prefilled(logits[rows_index, last], tokens[rows_index, last], lengths, generator)
+
+
 def generate(
     prefill: Step,
     decode: Step,
@@ -82,25 +126,15 @@ def generate(
 ) -> list[list[int]]:
     """Generate ``max_new_tokens`` after each prompt; returns the new tokens per prompt.
 
-    Prompts of different lengths share one prefill (right-padded; padding positions are written
-    to the cache but every row's decoding starts at its own length, so they are overwritten before
-    they could be read). ``on_tokens`` receives each step's (B,) tokens (streaming).
+    ``on_tokens`` receives each step's (B,) tokens (streaming).
     """
-    check_sampling(temperature, top_k)
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+    start = start_generation(prefill, prompts, max_new_tokens, max_new_tokens, rows=rows, max_seq_len=max_seq_len,
+                             device=device, temperature=temperature, top_k=top_k, seed=seed)
     count = len(prompts)
-    tokens, lengths = pad_prompts(prompts, rows, max_new_tokens, max_seq_len, device)
-    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens).contiguous()
-    rows_index = torch.arange(rows, device=device)
-    logits = prefill(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
-    last = logits[rows_index, lengths - 1]
-    prev = tokens[rows_index, lengths - 1]
-    pos = lengths.clone()
+    last, prev, pos = start.last_logits, start.last_token, start.lengths
     out = []
     for step in range(max_new_tokens):
-        nxt = sample(last, temperature, top_k, generator)
+        nxt = sample(last, temperature, top_k, start.generator)
         out.append(nxt)
         if on_tokens is not None:
             on_tokens(nxt[:count])

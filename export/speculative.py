@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .runtime import GenerationError, Step, check_sampling, pad_prompts, probabilities, sample
+from .runtime import GenerationError, Step, probabilities, sample, start_generation
 
 
 @dataclass
@@ -54,25 +54,21 @@ def speculative_generate(
     prefill_exact and verify must run the exact sequential model; draft is the plan's decode step.
     Returns (new tokens per prompt, acceptance statistics).
     """
-    check_sampling(temperature, top_k)
     if draft_len < 1:
         raise GenerationError(f"draft_len={draft_len} is not allowed: must be >= 1")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
-    count = len(prompts)
     # A round may run D + 1 positions past the last kept token.
-    tokens, lengths = pad_prompts(prompts, rows, max_new_tokens + draft_len + 1, max_seq_len, device)
-    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    start = start_generation(prefill_exact, prompts, max_new_tokens, max_new_tokens + draft_len + 1, rows=rows,
+                             max_seq_len=max_seq_len, device=device, temperature=temperature, top_k=top_k, seed=seed)
+    count, generator, lengths = len(prompts), start.generator, start.lengths
     rows_index = torch.arange(rows, device=device)
-    positions = torch.arange(tokens.size(1), device=device).expand_as(tokens).contiguous()
-    logits = prefill_exact(tokens, positions, torch.zeros(rows, dtype=torch.long, device=device))
-    prev = tokens[rows_index, lengths - 1]
-    pending = sample(logits[rows_index, lengths - 1], temperature, top_k, generator)  # at position `pos`
+    prev = start.last_token
+    pending = sample(start.last_logits, temperature, top_k, generator)  # at position `pos`
     pos = lengths.clone()
     emitted: list[list[int]] = [[int(t)] for t in pending.tolist()]
+    counts = torch.ones(rows, dtype=torch.long, device=device)  # len(emitted[row])
     stats = SpeculativeStats()
     offsets = torch.arange(draft_len + 1, device=device)
-    while min(len(e) for e in emitted[:count]) < max_new_tokens:
+    while int(counts[:count].min()) < max_new_tokens:
         drafts, draft_probs = [], []
         tok, tok_pos, tok_prev = pending, pos, prev
         for _ in range(draft_len):
@@ -86,23 +82,20 @@ def speculative_generate(
         checked = verify(torch.cat([pending[:, None], drafted], 1), pos[:, None] + offsets, prev)  # (B, D + 1, V)
         accepted, extra = _accept(checked, drafted, draft_probs, temperature, top_k, generator)
         # Finished rows stand still (their positions must stay inside the cache); the rest advance.
-        active = torch.tensor([len(e) < max_new_tokens for e in emitted], device=device)
+        active = counts < max_new_tokens
         stats.rounds += 1
-        for row in range(rows):
-            if active[row]:
-                a = int(accepted[row])
-                emitted[row] += drafted[row, :a].tolist() + [int(extra[row])]
-                if row < count:
-                    stats.row_rounds += 1
-                    stats.accepted += a
+        stats.row_rounds += int(active[:count].sum())
+        stats.accepted += int((accepted * active)[:count].sum())
+        for row in active.nonzero().flatten().tolist():
+            a = int(accepted[row])
+            emitted[row] += drafted[row, :a].tolist() + [int(extra[row])]
+        counts = torch.where(active, counts + accepted + 1, counts)
         # The new pending token is `extra`; the token before it is the last accepted draft (or the old pending).
         before = torch.where(accepted > 0, drafted[rows_index, (accepted - 1).clamp(min=0)], pending)
         prev, pending = torch.where(active, before, prev), torch.where(active, extra, pending)
-        pos = torch.where(active, pos + accepted + 1, pos)
         # A row that just finished may sit up to D positions past the cache's room: park it at its
         # prompt's end (it only rewrites its own, no longer needed, cache row from then on).
-        finished = torch.tensor([len(e) >= max_new_tokens for e in emitted], device=device)
-        pos = torch.where(finished, lengths, pos)
+        pos = torch.where(counts >= max_new_tokens, lengths, torch.where(active, pos + accepted + 1, pos))
     return [e[:max_new_tokens] for e in emitted[:count]], stats
 
 
