@@ -1,6 +1,7 @@
 """FSDP for SNLP models: one FSDP unit per Block, a single-file checkpoint that loads on one device.
 
-    snlp fit --config configs/quickstart-fsdp.yaml                               # 2 CPU processes (gloo)
+    snlp fit --config configs/quickstart.yaml --trainer.strategy fsdp --trainer.devices 2 \
+         --model.optim.optimizer adamw                                              # 2 CPU processes (gloo)
     snlp fit --config configs/paper-0.5b.yaml --trainer.strategy fsdp --trainer.devices 8 \\
          --model.optim.optimizer adamw
 
