@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from snlp_lightning.models.gpt import GPT
-from snlp_lightning.models.kv_cache import new_cache
+from snlp_lightning.models.kv_cache import StackCache, new_cache
 from snlp_lightning.models.mhc import ConnectionStack
 from snlp_lightning.models.stack import WideBlocks, stack_blocks, wide_block_forward, write_keys_values
 from snlp_lightning.solvers.newton import chunk_sequential, solve_chunks
@@ -133,15 +133,15 @@ class LayerParallelDecoder(nn.Module):
     # -- the stacks, bound to their cache views ---------------------------------------------------
     def layer_stack(self, caches: tuple[Tensor, Tensor]) -> WideBlocks:
         """All L layers, one per wide block, with the per-layer caches (L, 1, B, Hkv, Tmax, hd)."""
-        return self._layers.build(k_cache=caches[0], v_cache=caches[1])
+        return self._layers.build(cache=StackCache(caches[0], caches[1], start=0, groups=self.config.n_layer))
 
     def chunk_stack(self, caches: tuple[Tensor, Tensor]) -> WideBlocks:
         """The C parallel chunks of M fused layers, with their cache views (C, M, B, Hkv, Tmax, hd)."""
         plan, start = self.plan, self.prefix_len
         if self._chunks is None:
             return self.layer_stack(caches).take(start, self.config.n_layer)
-        view = lambda c: c[start:].view(plan.chunks, plan.fuse, *c.shape[2:])  # noqa: E731
-        return self._chunks.build(k_cache=view(caches[0]), v_cache=view(caches[1]))
+        cache = StackCache(caches[0], caches[1], start=start, groups=plan.chunks, fuse=plan.fuse)
+        return self._chunks.build(cache=cache)
 
     # -- entry points -----------------------------------------------------------------------------
     def prefill(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches=None) -> Tensor:

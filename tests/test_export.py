@@ -46,6 +46,30 @@ def test_compiled_decode_matches_eager_without_recompiling():
     torch.testing.assert_close(steps["decode"](*args), eager.decode(*args), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("plan", ["seq", "idn:n4:2xF2:K1"])
+@pytest.mark.parametrize("entry", ["decode", "prefill"])
+def test_cache_writes_stay_in_place_in_the_functional_graph(plan, entry):
+    """The functional graph (what inductor and AOTInductor compile) writes the KV cache with one
+    index_put per projection into the whole cache. A write through a view of it would show up as
+    slice/select_scatter of the view back into the cache: a copy of the whole cache every step."""
+    from collections import Counter
+
+    from export.package import _Entry
+
+    model = tiny_model("plain", dtype=torch.float32, sequence_len=32)
+    decoder = LayerParallelDecoder(model, plan, batch_size=2, max_seq_len=32)
+    args = (*example_inputs(decoder, 1), torch.zeros_like(decoder.k_cache), torch.zeros_like(decoder.v_cache))
+    graph = torch.export.export(_Entry(decoder, entry), args, strict=False).run_decompositions({}).graph
+    ops = Counter(str(n.target).split(".")[1] for n in graph.nodes if n.op == "call_function")
+    s_len = decoder.prefix_len
+    # k and v per call: S prefix layers, then C chunks one after another (prefill) or K batched
+    # iterations plus the final refresh (decode); the sequential model writes every layer.
+    calls = {"seq": model.config.n_layer, "prefill": s_len + decoder.plan.chunks, "decode": s_len + decoder.plan.iters + 1}
+    writes = 2 * calls["seq" if plan == "seq" else entry]
+    assert ops["index_put"] == writes
+    assert not [op for op in ops if op.endswith("_scatter") or op == "copy"], ops
+
+
 def test_exported_package_matches_eager_in_a_fresh_process(tmp_path):
     model = tiny_model("mhc", dtype=torch.float32, sequence_len=32, short_window=8)
     decoder = LayerParallelDecoder(model, "hcn:n4:2xF2:K1", batch_size=2, max_seq_len=32)

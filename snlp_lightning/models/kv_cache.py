@@ -14,6 +14,8 @@ rolling a row back is just decoding from an earlier position again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,13 +26,55 @@ def new_cache(layers: int, batch: int, kv_heads: int, max_len: int, head_dim: in
     return torch.zeros(layers, 1, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
 
 
-def write_cache(cache: Tensor, new: Tensor, positions: Tensor) -> None:
-    """Write ``new`` (G, B, T, M * Hkv, hd) into ``cache`` (G, M, B, Hkv, Tmax, hd) at ``positions`` (B, T)."""
-    g, m, b, h, _, hd = cache.shape
-    t = new.size(2)
-    src = new.view(g, b, t, m, h, hd).permute(0, 3, 1, 4, 2, 5)  # (G, M, B, Hkv, T, hd)
-    index = positions.view(1, 1, b, 1, t, 1).expand(g, m, b, h, t, hd)
-    cache.scatter_(4, index, src.to(cache.dtype))
+@dataclass(frozen=True)
+class StackCache:
+    """The KV cache of a stack of G wide blocks of M fused layers: layers ``start`` ..
+    ``start + G * M - 1`` of the whole per-layer caches ``k``, ``v`` (L, 1, B, Hkv, Tmax, hd).
+
+    Writes go into the whole tensors with one ``index_put_`` each, never through a view of them:
+    under torch.compile a write through a view is functionalized into a scatter of the view back
+    into its base, which inductor materialises as a copy of the whole cache on every step (it made
+    compiled batch-8 decoding slower than eager). Reads are views: ``keys()`` / ``values()``.
+    """
+
+    k: Tensor
+    v: Tensor
+    start: int
+    groups: int
+    fuse: int = 1
+
+    def take(self, start: int, stop: int) -> "StackCache":
+        """The cache of wide blocks start .. stop - 1 of this stack."""
+        return StackCache(self.k, self.v, self.start + start * self.fuse, stop - start, self.fuse)
+
+    def _view(self, whole: Tensor) -> Tensor:
+        stop = self.start + self.groups * self.fuse
+        return whole[self.start : stop].view(self.groups, self.fuse, *whole.shape[2:])
+
+    def keys(self) -> Tensor:
+        """(G, M, B, Hkv, Tmax, hd), a view."""
+        return self._view(self.k)
+
+    def values(self) -> Tensor:
+        """(G, M, B, Hkv, Tmax, hd), a view."""
+        return self._view(self.v)
+
+    def write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
+        """Write k, v (G, B, T, M * Hkv, hd) of this stack's layers at ``positions`` (B, T)."""
+        _write(self.k, k_new, positions, self.start, self.fuse)
+        _write(self.v, v_new, positions, self.start, self.fuse)
+
+
+def _write(whole: Tensor, new: Tensor, positions: Tensor, start: int, fuse: int) -> None:
+    """whole (L, 1, B, Hkv, Tmax, hd)[start + g * M + m, 0, b, h, positions[b, t]] = new[g, b, t, m * Hkv + h]."""
+    g, b, t, _, hd = new.shape
+    h = whole.size(3)
+    device = whole.device
+    layer = (start + torch.arange(g * fuse, device=device)).view(g, 1, 1, fuse, 1)
+    row = torch.arange(b, device=device).view(1, b, 1, 1, 1)
+    head = torch.arange(h, device=device).view(1, 1, 1, 1, h)
+    index = (layer, torch.zeros_like(row), row, head, positions.view(1, b, t, 1, 1))
+    whole.index_put_(index, new.view(g, b, t, fuse, h, hd).to(whole.dtype))
 
 
 def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, windows: tuple[tuple[int, ...], ...]) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .block import VE_GATE_CHANNELS
-from .kv_cache import cached_attention, write_cache
+from .kv_cache import StackCache, cached_attention
 from .layers import apply_rotary, causal_attention, rms_norm
 from .mhc import ConnectionStack, stack_connections
 
@@ -73,8 +73,9 @@ class WideBlocks:
 
     wq: (G, Hq*hd, D), wk/wv: (G, Hkv*hd, D), wo: (G, D, Hq*hd), w_fc: (G, F, D), w_proj: (G, D, F),
     with Hq = M * n_head, Hkv = M * n_kv_head, F = M * 4D. lambdas: (G, 2) averaged (resid, x0)
-    or None; ve_gate: (G, n_kv_head, 12) or None (only when M = 1). k_cache, v_cache: None, or
-    the static KV cache (G, M, B, n_kv_head, Tmax, hd) that attention writes to and reads from.
+    or None; ve_gate: (G, n_kv_head, 12) or None (only when M = 1). cache: None, or the static
+    KV cache of these blocks' layers (read as (G, M, B, n_kv_head, Tmax, hd)) that attention
+    writes to and reads from.
     """
 
     layers: tuple[tuple[int, ...], ...]
@@ -92,8 +93,7 @@ class WideBlocks:
     hc_attn: ConnectionStack | None = None
     hc_mlp: ConnectionStack | None = None
     branch_scale: float = 1.0
-    k_cache: Tensor | None = None
-    v_cache: Tensor | None = None
+    cache: StackCache | None = None
 
     @property
     def groups(self) -> int:
@@ -114,7 +114,7 @@ class WideBlocks:
             w_fc=cut(self.w_fc), w_proj=cut(self.w_proj), head_dim=self.head_dim, windows=self.windows[start:stop],
             lambdas=cut(self.lambdas), ve_gate=cut(self.ve_gate), ve_layers=self.ve_layers[start:stop],
             hc_attn=hc(self.hc_attn), hc_mlp=hc(self.hc_mlp), branch_scale=self.branch_scale,
-            k_cache=cut(self.k_cache), v_cache=cut(self.v_cache),
+            cache=None if self.cache is None else self.cache.take(start, stop),
         )
 
 
@@ -213,10 +213,9 @@ def attention_branch(blocks: WideBlocks, xn: Tensor, inputs: BlockInputs) -> Ten
     q = _project(xn, blocks.wq).view(g, b, t, -1, blocks.head_dim)
     q = rms_norm(apply_rotary(q, inputs.cos, inputs.sin)) * QK_SCALE
     k, v = _keys_values(blocks, xn, inputs)
-    if blocks.k_cache is not None:
-        write_cache(blocks.k_cache, k, inputs.positions)
-        write_cache(blocks.v_cache, v, inputs.positions)
-        y = cached_attention(q, blocks.k_cache, blocks.v_cache, inputs.positions, blocks.windows)
+    if blocks.cache is not None:
+        blocks.cache.write(k, v, inputs.positions)
+        y = cached_attention(q, blocks.cache.keys(), blocks.cache.values(), inputs.positions, blocks.windows)
         return _project(y.reshape(g, b, t, -1), blocks.wo)
     y = causal_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), blocks.windows, inputs.q_offset)
     return _project(y.transpose(2, 3).reshape(g, b, t, -1), blocks.wo)
@@ -262,8 +261,7 @@ def write_keys_values(blocks: WideBlocks, x: Tensor, inputs: BlockInputs) -> Non
     kv projections, without queries, attention or MLP."""
     xn, _ = _branch_input(blend_input(blocks, x, inputs), blocks.hc_attn)
     k, v = _keys_values(blocks, xn, inputs)
-    write_cache(blocks.k_cache, k, inputs.positions)
-    write_cache(blocks.v_cache, v, inputs.positions)
+    blocks.cache.write(k, v, inputs.positions)
 
 
 def wide_block_forward(blocks: WideBlocks, x: Tensor, inputs: BlockInputs) -> tuple[Tensor, Tensor | None]:
