@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from snlp_lightning.solvers import SolverPlan
 from .compiled import compile_step, compile_steps, example_inputs, no_recompiles, warm_up
 from .decoder import DECODER_METHODS, LayerParallelDecoder
 from .generate import generate_tokens, speculative_tokens
-from .measure import quality, time_ms, validation_windows
+from .measure import interleaved_ms, quality, time_ms, validation_windows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="timed generations per decode row (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed generations per decode row (median), one per round")
     p.add_argument("--speculative-plan", default=None, help="drafting plan (default: the first plan)")
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--val-tokens", type=int, default=32768)
@@ -169,85 +170,76 @@ def _release() -> None:
 
 
 def full_forward(model, plans, length, device, dtype, args) -> list[dict]:
-    """(1, T) forward: the exact model (eager and compiled) and each plan's solver over all T positions."""
-    rows = []
-    seq = LayerParallelDecoder(model, "seq", batch_size=1, max_seq_len=length, dtype=dtype, device=device)
-    exact = seq.prefill_exact
+    """(1, T) forward: the exact model (eager and compiled) and each plan's solver over all T positions.
+    The compiled rows are timed round-robin (measure.interleaved_ms)."""
+    make = lambda plan: LayerParallelDecoder(model, plan, batch_size=1, max_seq_len=length, dtype=dtype, device=device)  # noqa: E731
+    seq = make("seq")
+    decoders = {str(plan): make(plan) for plan in plans}
     with torch.inference_mode():  # inputs made here too: compiled graphs guard on inference-mode tensors
         inputs = example_inputs(seq, length)
-        eager_ms = time_ms(lambda: exact(*inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
-        compiled = compile_step(exact, device=device)
-        warm_up(compiled, seq, tokens=length)
-        with no_recompiles():
-            seq_ms = time_ms(lambda: compiled(*inputs), device, args.warmup, args.iters)
-    rows.append(dict(plan="seq (eager)", T=length, ms=eager_ms, speedup=seq_ms / eager_ms, ideal=1.0))
-    rows.append(dict(plan="seq", T=length, ms=seq_ms, speedup=1.0, ideal=1.0))
-    del seq, compiled
-    for plan in plans:
-        decoder = LayerParallelDecoder(model, plan, batch_size=1, max_seq_len=length, dtype=dtype, device=device)
-        with torch.inference_mode():
-            step = compile_step(decoder.decode, device=device)
+        eager_ms = time_ms(lambda: seq.prefill_exact(*inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
+        steps = {"seq": (compile_step(seq.prefill_exact, device=device), seq)}
+        steps.update({name: (compile_step(d.decode, device=device), d) for name, d in decoders.items()})
+        for step, decoder in steps.values():
             warm_up(step, decoder, tokens=length)
-            with no_recompiles():
-                ms = time_ms(lambda: step(*inputs), device, args.warmup, args.iters)
-        ideal = plan.ideal_speedup(model.config.n_layer)
-        rows.append(dict(plan=str(plan), T=length, ms=ms, speedup=seq_ms / ms, ideal=ideal))
-        del decoder, step
-        _release()
+        with no_recompiles():
+            ms = interleaved_ms({name: partial(step, *inputs) for name, (step, _) in steps.items()}, device, args.warmup, args.iters)
+    rows = [dict(plan="seq (eager)", T=length, ms=eager_ms, speedup=ms["seq"] / eager_ms, ideal=1.0)]
+    rows.append(dict(plan="seq", T=length, ms=ms["seq"], speedup=1.0, ideal=1.0))
+    for plan in plans:
+        rows.append(dict(plan=str(plan), T=length, ms=ms[str(plan)], speedup=ms["seq"] / ms[str(plan)],
+                         ideal=plan.ideal_speedup(model.config.n_layer)))
+    del steps, decoders, seq
+    _release()
     return rows
 
 
 def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
-    """tokens/s of greedy generation (prefill of --prompt-len included, one per run)."""
+    """tokens/s of greedy generation (prefill of --prompt-len included, one per run); the compiled
+    modes are timed round-robin, one generation of each per round, --repeats rounds."""
     new, prompt_len = args.decode_tokens, args.prompt_len
     room = prompt_len + new + args.draft_len + 2
     if room > model.config.sequence_len:
         raise ValueError(f"--prompt-len {prompt_len} + --decode-tokens {new} + drafts exceed sequence_len={model.config.sequence_len}")
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
-    rows, reference = [], None
+    make = lambda plan: LayerParallelDecoder(model, plan, batch_size=batch, max_seq_len=room, dtype=dtype, device=device)  # noqa: E731
+    spec_plan = str(SolverPlan.parse(args.speculative_plan)) if args.speculative_plan else (str(plans[0]) if plans else None)
+    decoders = {"seq": make("seq"), **{str(plan): make(plan) for plan in plans}}
+    outputs: dict[str, object] = {}
 
-    def measure(run) -> tuple[float, object]:
-        result, times = None, []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            result = run()
-            times.append(time.perf_counter() - start)
-        seconds = sorted(times)[len(times) // 2]
-        return batch * new / seconds, result
+    def keep(name: str, run):  # a timed run that also keeps what it generated
+        return lambda: outputs.__setitem__(name, run())
 
-    seq = LayerParallelDecoder(model, "seq", batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
     with torch.inference_mode():
-        eager_tps, reference = measure(lambda: generate_tokens(seq, prompts, new))
-        steps = compile_steps(seq)
-        warm_up(steps["decode"], seq)
-        with no_recompiles():
-            seq_tps, _ = measure(lambda: generate_tokens(seq, prompts, new, steps=steps))
-    rows.append(dict(mode="seq (eager)", batch=batch, tokens_per_s=eager_tps, vs_seq=eager_tps / seq_tps, note=""))
-    rows.append(dict(mode="seq (compiled)", batch=batch, tokens_per_s=seq_tps, vs_seq=1.0, note=""))
-    del seq, steps
-    for plan in plans:
-        decoder = LayerParallelDecoder(model, plan, batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
-        with torch.inference_mode():
+        seq = decoders["seq"]
+        eager_ms = interleaved_ms({"seq": keep("eager", lambda: generate_tokens(seq, prompts, new))}, device, 0, args.repeats, 1)["seq"]
+        runs = {}
+        for name, decoder in decoders.items():
             steps = compile_steps(decoder)
             warm_up(steps["decode"], decoder)
-            with no_recompiles():
-                tps, _ = measure(lambda: generate_tokens(decoder, prompts, new, steps=steps))
-        rows.append(dict(mode=f"{plan} (compiled)", batch=batch, tokens_per_s=tps, vs_seq=tps / seq_tps, note=""))
-        del decoder, steps
-        _release()
-    spec_plan = args.speculative_plan or (str(plans[0]) if plans else None)
-    if spec_plan:
-        drafter = LayerParallelDecoder(model, spec_plan, batch_size=batch, max_seq_len=room, dtype=dtype, device=device)
-        with torch.inference_mode():
+            runs[name] = keep(name, partial(generate_tokens, decoder, prompts, new, steps=steps))
+        if spec_plan:
+            drafter = decoders[spec_plan] if spec_plan in decoders else make(spec_plan)
             steps = compile_steps(drafter)
             warm_up(steps["decode"], drafter)
             warm_up(steps["verify"], drafter, tokens=args.draft_len + 1)
-            with no_recompiles():
-                tps, (tokens, stats) = measure(lambda: speculative_tokens(drafter, prompts, new, args.draft_len, steps=steps))
-        same = "identical to seq greedy" if tokens == reference else "DIFFERS from seq greedy"
-        note = f"drafts {drafter.plan}, D={args.draft_len}, {stats.mean_accepted:.2f} accepted/round, {same}"
-        rows.append(dict(mode="self-speculative (compiled)", batch=batch, tokens_per_s=tps, vs_seq=tps / seq_tps, note=note))
+            runs["speculative"] = keep("speculative", partial(speculative_tokens, drafter, prompts, new, args.draft_len, steps=steps))
+        with no_recompiles():
+            ms = interleaved_ms(runs, device, 0, args.repeats, args.repeats)
+    tps = {name: batch * new / (value / 1e3) for name, value in {**ms, "eager": eager_ms}.items()}
+    rows = [dict(mode="seq (eager)", batch=batch, tokens_per_s=tps["eager"], vs_seq=tps["eager"] / tps["seq"], note="")]
+    rows.append(dict(mode="seq (compiled)", batch=batch, tokens_per_s=tps["seq"], vs_seq=1.0, note=""))
+    for plan in plans:
+        rows.append(dict(mode=f"{plan} (compiled)", batch=batch, tokens_per_s=tps[str(plan)], vs_seq=tps[str(plan)] / tps["seq"], note=""))
+    if spec_plan:
+        tokens, stats = outputs["speculative"]
+        same = "identical to seq greedy" if tokens == outputs["eager"] else "DIFFERS from seq greedy"
+        note = f"drafts {spec_plan}, D={args.draft_len}, {stats.mean_accepted:.2f} accepted/round, {same}"
+        rows.append(dict(mode="self-speculative (compiled)", batch=batch, tokens_per_s=tps["speculative"],
+                         vs_seq=tps["speculative"] / tps["seq"], note=note))
+    del runs, decoders
+    _release()
     return rows
 
 

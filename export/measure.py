@@ -28,16 +28,30 @@ def synchronize(device: torch.device) -> None:
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return interleaved_ms({"fn": fn}, device, warmup, iters, rounds=1)["fn"]
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int, rounds: int = 5
+) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns``, timed in ``rounds`` round-robin passes of
+    ``iters / rounds`` calls each (after ``warmup`` calls of each), so that a slow spell of a shared
+    machine lands on every row instead of on one."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    rounds = max(1, min(rounds, iters))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        per_round = iters // rounds + (r < iters % rounds)
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def validation_windows(data_dir: str | Path, seq_len: int, max_tokens: int) -> Tensor:
