@@ -68,13 +68,13 @@ def _run(args) -> int:
     decoder = LayerParallelDecoder(model, args.plan, batch_size=len(prompts), max_seq_len=args.max_seq_len,
                                    dtype=parse_dtype(args.dtype), device=torch.device(args.device))
     steps = None
-    if args.compile:
-        steps = compile_steps(decoder)
-        print(f"compiling the decode step of {decoder.plan} ...", file=sys.stderr)
-        warm_up(steps["decode"], decoder)
-        if args.speculative:
-            warm_up(steps["verify"], decoder, tokens=args.speculative + 1)
-    with torch.inference_mode():
+    with torch.inference_mode():  # compile under the grad mode the steps run in (no recompile)
+        if args.compile:
+            steps = compile_steps(decoder)
+            print(f"compiling the decode step of {decoder.plan} ...", file=sys.stderr)
+            warm_up(steps["decode"], decoder)
+            if args.speculative:
+                warm_up(steps["verify"], decoder, tokens=args.speculative + 1)
         start = time.perf_counter()
         if args.speculative:
             new, stats = speculative_tokens(decoder, prompts, args.max_new_tokens, args.speculative, args.temperature,
