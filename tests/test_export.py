@@ -120,9 +120,9 @@ def test_generate_and_export_commands(trained_checkpoint, tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert "--- 'def'" in gen.stdout and "24 tokens in" in gen.stderr
     spec = _run(["export.generate_cli", "--checkpoint", str(trained_checkpoint), "--plan", "idn:n2:K1",
-                 "--speculative", "3", "--prompt", "The module", "--max-new-tokens", "12"], tmp_path)
+                 "--speculative", "3", "--prompt", "The module", "--max-new-tokens", "12", "--compile"], tmp_path)
     assert spec.returncode == 0, spec.stderr[-3000:]
-    assert "draft tokens accepted per round" in spec.stderr
+    assert "compiling the decode step" in spec.stderr and "draft tokens accepted per round" in spec.stderr
     bad = _run(["export.generate_cli", "--checkpoint", str(trained_checkpoint), "--plan", "idn:n9:K1", "--prompt", "x"], tmp_path)
     assert bad.returncode == 2 and "snlp-generate: error:" in bad.stderr and "n9" in bad.stderr
     missing = _run(["export.package", "--checkpoint", str(tmp_path / "none.ckpt"), "--out", "pkg"], tmp_path)
