@@ -212,17 +212,18 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
         return lambda: outputs.__setitem__(name, run())
 
     with torch.inference_mode():
-        seq = decoders["seq"]
-        eager_ms = interleaved_ms({"seq": keep("eager", lambda: generate_tokens(seq, prompts, new))}, device, 0, args.repeats, 1)["seq"]
+        eager_ms = time_ms(keep("eager", partial(generate_tokens, decoders["seq"], prompts, new)), device, 0, args.repeats)
+        compiled = {name: compile_steps(decoder) for name, decoder in decoders.items()}
         runs = {}
         for name, decoder in decoders.items():
-            steps = compile_steps(decoder)
-            warm_up(steps["decode"], decoder)
-            runs[name] = keep(name, partial(generate_tokens, decoder, prompts, new, steps=steps))
+            warm_up(compiled[name]["decode"], decoder)
+            runs[name] = keep(name, partial(generate_tokens, decoder, prompts, new, steps=compiled[name]))
         if spec_plan:
+            # A drafting plan that is also timed reuses that plan's decoder and compiled steps.
             drafter = decoders[spec_plan] if spec_plan in decoders else make(spec_plan)
-            steps = compile_steps(drafter)
-            warm_up(steps["decode"], drafter)
+            steps = compiled[spec_plan] if spec_plan in compiled else compile_steps(drafter)
+            if spec_plan not in compiled:
+                warm_up(steps["decode"], drafter)
             warm_up(steps["verify"], drafter, tokens=args.draft_len + 1)
             runs["speculative"] = keep("speculative", partial(speculative_tokens, drafter, prompts, new, args.draft_len, steps=steps))
         with no_recompiles():
@@ -238,7 +239,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
         note = f"drafts {spec_plan}, D={args.draft_len}, {stats.mean_accepted:.2f} accepted/round, {same}"
         rows.append(dict(mode="self-speculative (compiled)", batch=batch, tokens_per_s=tps["speculative"],
                          vs_seq=tps["speculative"] / tps["seq"], note=note))
-    del runs, decoders
+    del runs, compiled, decoders
     _release()
     return rows
 

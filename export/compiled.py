@@ -71,9 +71,9 @@ class ShapeCachedGraphs:
 def compile_step(fn: Callable, cuda_graphs: bool | None = None, device: torch.device | None = None) -> Step:
     """``fn`` compiled with fullgraph=True, static shapes; on CUDA (by default) replayed as CUDA graphs.
 
-    Not inductor freezing: with torch 2.13 it gave wrong logits for the decoder (its KV caches are
-    buffers mutated in place, and freezing folds buffers as constants), although it made the CPU
-    5-token verify about 3x faster.
+    Not inductor freezing: with torch 2.13 (global ``torch._inductor.config.freezing``) the
+    decoder's compiled logits were wrong, presumably because its KV caches are buffers mutated in
+    place; the cause was not pinned down. It had made the CPU 5-token verify about 3x faster.
     """
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
     use_graphs = cuda_graphs if cuda_graphs is not None else (device is not None and device.type == "cuda")
