@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from snlp_lightning.errors import path_kind
+
 from .errors import PrepareError
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -61,8 +63,12 @@ def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
     found: dict[str, Source] = {}
     for raw in inputs:
         path = Path(raw).expanduser()
-        if not path.exists():
+        kind = path_kind(path)
+        if kind == "missing":
             raise PrepareError(f"input {raw} does not exist")
+        if kind == "something else":
+            what = "a broken link" if path.is_symlink() and not path.exists() else "not a file or folder"
+            raise PrepareError(f"input {raw} is {what}; give .txt / .jsonl / .parquet files or folders holding them")
         if path.is_dir():
             files = sorted(
                 p for p in path.rglob("*")

@@ -4,7 +4,8 @@
     snlp-prepare data/fineweb-edu/ --out data/fwe --vocab-size 32768  # folders are searched recursively
     snlp-prepare more.jsonl --tokenizer data/fwe/tokenizer.json --out data/more
 
-Output (built in a temp folder beside OUT and renamed at the end; removed on any error):
+Output (built in a temp folder beside OUT and renamed at the end; removed on any error, and a
+killed run's leftover is removed by the next run writing beside OUT):
 
     OUT/tokenizer.json   byte-level BPE, <|bos|> = id 0 (or the reused --tokenizer, copied)
     OUT/train/, OUT/val/ litdata chunks; read with StreamingDataset(OUT/train, item_loader=TokensLoader(T + 1))
@@ -12,7 +13,12 @@ Output (built in a temp folder beside OUT and renamed at the end; removed on any
 
 Passes over the input: (1) sha256 of every file; (2) one read that checks every record, counts
 documents, decides the split and feeds the tokenizer trainer; (3, 4) tokenizing workers, one pass
-per split. Bad input stops with one line ``snlp-prepare: error: ...`` and exit code 2.
+per split. Bad input stops with one line ``snlp-prepare: error: ...`` and exit code 2; a fault
+(full disk, a failed worker) with one line and exit code 1.
+
+``--overwrite`` replaces OUT only when it is an earlier snlp-prepare output (its manifest.json says
+``snlp-tokens/1`` and it holds nothing else than manifest.json, tokenizer.json, train/, val/), and
+never when OUT is, or holds, an input or the ``--tokenizer`` file.
 """
 
 from __future__ import annotations
@@ -27,11 +33,15 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from snlp_lightning.errors import (
+    Fault, UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, os_error_line, run_entry,
+    unexpected_entries,
+)
 
 from .corpus import (
     TXT_SPLITS, Shard, Source, doc_hash, file_sha256, find_sources, iter_records, parquet_row_groups, val_threshold,
@@ -40,6 +50,7 @@ from .errors import PrepareError
 from .tokenizer import BOS_TOKEN, check_vocab_size, load_tokenizer, special_tokens_of, train_tokenizer
 
 MANIFEST_FORMAT = "snlp-tokens/1"
+OUTPUT_ENTRIES = ("manifest.json", "tokenizer.json", "train", "val")  # everything an output folder holds
 SHARD_BYTES = 32 << 20  # target input bytes per tokenizing work item
 BUNDLED_NAME = ".bundled.jsonl"
 START_METHODS = ("spawn", "fork")
@@ -95,11 +106,35 @@ def validate(opts: PrepareOptions) -> None:
     if opts.tokenizer is None:
         check_vocab_size(opts.vocab_size)
     parse_bytes(opts.chunk_bytes)
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
-        raise PrepareError(f"--out {out} already exists; pass --overwrite to replace it")
+    check_out(opts)
+
+
+def check_out(opts: PrepareOptions) -> Path:
+    """--out may become the output: a new or empty folder, or (with --overwrite) an earlier output of
+    snlp-prepare that holds no input; its parent must be a writable folder."""
+    inputs = [*opts.inputs, *([opts.tokenizer] if opts.tokenizer else [])]
+    try:
+        return check_output_dir(opts.out, what="--out", overwrite=opts.overwrite, is_own_output=not_an_output, inputs=inputs)
+    except UserError as err:  # prepare() raises PrepareError for every bad input
+        raise PrepareError(str(err)) from None
+
+
+def not_an_output(folder: Path) -> str | None:
+    """None when ``folder`` is an earlier snlp-prepare output; else why not (for the --out error)."""
+    extra = [f"{name}/" if (folder / name).is_dir() else name for name in unexpected_entries(folder, OUTPUT_ENTRIES)]
+    holds = f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}"
+    manifest = folder / "manifest.json"
+    fmt = None
+    if manifest.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(manifest.read_bytes())
+            fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != MANIFEST_FORMAT:
+        what = "no manifest.json" if not manifest.is_file() else f"a manifest.json without format {MANIFEST_FORMAT!r}"
+        return f"it has {what}" + (f" and holds {holds}" if extra else "")
+    if extra:
+        return f"it holds {holds} besides manifest.json, tokenizer.json, train/, val/"
+    return None
 
 
 # -- the scan -----------------------------------------------------------------------------------------
@@ -200,21 +235,24 @@ def prepare(opts: PrepareOptions, argv: Sequence[str] | None = None) -> dict:
     sources = find_sources(opts.inputs) if opts.inputs else []
     reuse = load_tokenizer(opts.tokenizer, opts.bos_token) if opts.tokenizer else None
 
-    out = Path(opts.out).resolve()
+    out = Path(opts.out).expanduser().resolve()
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    clean_stale_temps(out.parent)  # what a killed run (SIGKILL, power loss) left beside OUT
+    tmp = make_temp_dir(out)  # .OUT.<host>-<pid>.<random>.tmp: the next run can tell when its writer is gone
     try:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); OUT should look like any mkdir'd folder
         manifest = _build(opts, sources, reuse, tmp, argv, started)
-        _install(tmp, out)
-    except BaseException:
+        check_out(opts)  # again: OUT may have changed during the build (another run, a user's files)
+        install_dir(tmp, out)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in created:  # parents we made, deepest first, if they stayed empty
             with contextlib.suppress(OSError):
                 p.rmdir()
+        if isinstance(err, OSError) and err.filename is None and err.errno:  # a failed write (full disk) names no file
+            raise Fault(f"writing {out} failed: {os_error_line(OSError(err.errno, err.strerror, str(out.parent)))}") from err
         raise
     _log(opts, f"wrote {out} in {time.time() - started:.1f} s")
     return manifest
@@ -245,7 +283,8 @@ def _build(opts: PrepareOptions, sources: list[Source], reuse, tmp: Path, argv, 
             tok, bos_id = reuse
         finish_scan(texts, scan)
     tok_path = tmp / "tokenizer.json"
-    tok.save(str(tok_path))
+    # tokenizers' own save() reports a failed write (a full disk) as a bare Exception; write it from Python.
+    tok_path.write_text(tok.to_str(pretty=True), encoding="utf-8")
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     chunk_bytes = parse_bytes(opts.chunk_bytes)
@@ -261,9 +300,9 @@ def _build(opts: PrepareOptions, sources: list[Source], reuse, tmp: Path, argv, 
         st = stats[split] = write_split(fn, tmp / split, opts.workers, chunk_bytes, opts.progress, opts.start_method)
         expected = scan.val_documents if split == "val" else sum(scan.documents) - scan.val_documents
         if st.documents != expected:  # the workers re-read the files: they must agree with the scan
-            raise RuntimeError(
+            raise Fault(
                 f"{split}: the tokenizing workers wrote {st.documents} of {expected} documents "
-                "(a worker failed; litdata printed its error above)"
+                "(a worker died, or an input file changed during the run); nothing was written to --out"
             )
         _log(opts, f"{split}: {st.documents:,} documents, {st.tokens:,} tokens in {st.chunks} chunk(s)")
 
@@ -332,17 +371,6 @@ def _write_bundled(opts: PrepareOptions, path: Path) -> tuple[Source, dict]:
     return Source(path=str(path), fmt="jsonl", size=path.stat().st_size), info
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to OUT; an old OUT (--overwrite) is moved aside first."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / "previous")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _log(opts: PrepareOptions, message: str) -> None:
     if opts.progress:
         print(f"snlp-prepare: {message}", file=sys.stderr, flush=True)
@@ -360,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders (searched recursively)")
     p.add_argument("--bundled", action="store_true",
                    help="use the bundled corpus: Python help topics + stdlib docstrings (no download)")
-    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty, unless --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="output folder (new or empty; --overwrite replaces only an earlier snlp-prepare output)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size,
                    help=f"BPE vocabulary incl. special tokens (default {d.vocab_size}; paper configs: 32768)")
     p.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one (--vocab-size is then ignored)")
@@ -377,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the tokenizer on at most this many characters of train text (default: all)")
     p.add_argument("--start-method", default=d.start_method, choices=START_METHODS,
                    help="how worker processes start (default spawn: clean interpreters; fork: much faster start-up)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier snlp-prepare output (never a folder holding anything else)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     return p
 
@@ -391,13 +421,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers=args.workers, chunk_bytes=args.chunk_bytes, tokenizer_max_chars=args.tokenizer_max_chars,
         overwrite=args.overwrite, progress=not args.quiet, start_method=args.start_method,
     )
-    try:
-        manifest = prepare(opts, argv)
-    except PrepareError as err:
-        if os.environ.get("SNLP_TRACEBACK"):
-            raise
-        print(f"snlp-prepare: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_entry("snlp-prepare", _run, opts, argv)
+
+
+def _run(opts: PrepareOptions, argv: list[str]) -> None:
+    manifest = prepare(opts, argv)
     splits = manifest["splits"]
     print(
         f"{opts.out}: vocab {manifest['vocab_size']}, {manifest['documents']} documents, "

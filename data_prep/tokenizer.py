@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from snlp_lightning.errors import UserError, first_line, require_file
+
 from .errors import PrepareError
 
 BOS_TOKEN = "<|bos|>"
@@ -78,23 +80,32 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
     return (t for t in texts if t)
 
 
-def load_tokenizer(path: str | Path, bos_token: str = BOS_TOKEN, split_special: bool = True) -> tuple[Tokenizer, int]:
-    """Load ``tokenizer.json``; returns (tokenizer, bos id).
+def load_tokenizer(
+    path: str | Path, bos_token: str = BOS_TOKEN, split_special: bool = True, what: str = "--tokenizer"
+) -> tuple[Tokenizer, int]:
+    """Load ``tokenizer.json``; returns (tokenizer, bos id). A missing, corrupt or unsuitable file is a
+    PrepareError naming it (``what`` says where the path came from, for the message).
 
     split_special=True makes special-token strings that occur in the text ("<|bos|>" in a
     document about tokenizers) encode as ordinary text, so BOS ids only ever come from us. The flag
     is not stored in tokenizer.json, so it is set here on every load.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"--tokenizer {path} does not exist")
+    path = Path(path).expanduser()
+    hint = "give the tokenizer.json that snlp-prepare wrote into its --out folder"
+    try:
+        require_file(path, what, hint)
+    except UserError as err:
+        raise PrepareError(str(err)) from None
     try:
         tok = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-        raise PrepareError(f"--tokenizer {path} is not a tokenizers JSON file: {str(err).splitlines()[0]}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  (a bare Exception on malformed JSON; a pyo3 PanicException is a BaseException)
+        reason = "it is empty" if path.stat().st_size == 0 else first_line(err)
+        raise PrepareError(f"{what} {path} is not a valid tokenizer.json (corrupt or truncated: {reason}); {hint}") from None
     bos_id = tok.token_to_id(bos_token)
     if bos_id is None:
-        raise PrepareError(f"--tokenizer {path} has no {bos_token!r} token; pass --bos-token with one it has")
+        raise PrepareError(f"{what} {path} has no {bos_token!r} token; pass --bos-token with one it has")
     tok.encode_special_tokens = split_special
     return tok, bos_id
 

@@ -15,7 +15,8 @@ Sections (all in the same process, so the ratios share the machine's state):
 3. quality per plan on the validation split: PPL, top-1 agreement and logit cosine vs sequential;
 4. --sweep: a grid of plans, the Pareto front of speedup vs PPL and the fastest plan within
    --budget (relative PPL increase over sequential).
-Writes bench.md, bench.json and speedup_vs_ppl.png to --out.
+Writes bench.md, bench.json and speedup_vs_ppl.png to --out (nothing else there is touched; every
+value, the data and the folder are checked before any timing starts).
 """
 
 from __future__ import annotations
@@ -32,40 +33,48 @@ from pathlib import Path
 
 import torch
 
+from snlp_lightning.errors import (
+    Fault, UserError, atomic_file, atomic_write_text, check_writable_parent, clean_stale_temps, path_kind, require_dir,
+    run_entry,
+)
 from snlp_lightning.solvers import SolverPlan
 
+from .checkpoint import at_least, at_least_float
 from .compiled import compile_step, compile_steps, example_inputs, no_recompiles, warm_up
 from .decoder import DECODER_METHODS, LayerParallelDecoder
 from .generate import generate_tokens, speculative_tokens
 from .measure import interleaved_ms, quality, time_ms, validation_windows
 
+PROG = "snlp-bench"
+BENCH_FILES = ("bench.md", "bench.json", "speedup_vs_ppl.png")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snlp-bench", description="Layer-parallel vs sequential: speed and quality.")
+    p = argparse.ArgumentParser(prog=PROG, description="Layer-parallel vs sequential: speed and quality.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a .ckpt from snlp fit, or a nanochat checkpoint")
     src.add_argument("--preset", help="random weights of a preset instead (plain, nanochat, mhc, mhc-dynamic)")
     p.add_argument("--size", default=None, help="with --preset: a paper size (0.5b, 3b)")
     p.add_argument("--plans", nargs="*", default=[], help="solver plans to measure")
     p.add_argument("--data-dir", default=None, help="prepared data (its val split gives the PPL); none = no quality")
-    p.add_argument("--out", default="bench", help="output folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench", help="output folder (bench.md, bench.json and speedup_vs_ppl.png are written there)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--lengths", type=int, nargs="*", default=[128, 2048], help="full-forward lengths T (capped at the model's)")
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--iters", type=int, default=150)
-    p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8])
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5, help="timed generations per decode row (median), one per round")
+    p.add_argument("--lengths", type=at_least(1), nargs="+", default=[128, 2048], help="full-forward lengths T (capped at the model's)")
+    p.add_argument("--warmup", type=at_least(0), default=50)
+    p.add_argument("--iters", type=at_least(1), default=150)
+    p.add_argument("--decode-batches", type=at_least(1), nargs="+", default=[1, 8])
+    p.add_argument("--decode-tokens", type=at_least(1), default=64)
+    p.add_argument("--prompt-len", type=at_least(1), default=16)
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed generations per decode row (median), one per round")
     p.add_argument("--speculative-plan", default=None, help="drafting plan (default: the first plan)")
-    p.add_argument("--draft-len", type=int, default=4)
-    p.add_argument("--val-tokens", type=int, default=32768)
+    p.add_argument("--draft-len", type=at_least(1), default=4)
+    p.add_argument("--val-tokens", type=at_least(1), default=32768)
     p.add_argument("--sweep", action="store_true", help="also measure a grid of plans and pick the fastest within --budget")
-    p.add_argument("--sweep-fuse", type=int, nargs="*", default=[1, 2])
-    p.add_argument("--sweep-iters", type=int, nargs="*", default=[1, 2])
-    p.add_argument("--sweep-inits", nargs="*", default=["h0"])
-    p.add_argument("--budget", type=float, default=0.05, help="sweep: allowed relative PPL increase over sequential")
+    p.add_argument("--sweep-fuse", type=at_least(1), nargs="+", default=[1, 2])
+    p.add_argument("--sweep-iters", type=at_least(1), nargs="+", default=[1, 2])
+    p.add_argument("--sweep-inits", nargs="+", default=["h0"])
+    p.add_argument("--budget", type=at_least_float(0.0), default=0.05, help="sweep: allowed relative PPL increase over sequential")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--no-decode", action="store_true")
     return p
@@ -74,20 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args, command="snlp-bench " + " ".join(argv))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"snlp-bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+
+    def bench() -> None:
+        print(run(args, command="snlp-bench " + " ".join(argv)))
+
+    return run_entry(PROG, bench)
 
 
-def _load(args):
-    from .checkpoint import load_model, parse_dtype
+def _settings(args) -> tuple[torch.device, torch.dtype]:
+    from .checkpoint import parse_device, parse_dtype
 
-    device = torch.device(args.device)
+    if args.size and not args.preset:
+        raise UserError(f"--size {args.size} applies only to --preset (a checkpoint has its own size)")
+
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _load(args, device):
+    from .checkpoint import load_model
+
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
     else:
@@ -95,7 +111,59 @@ def _load(args):
 
         torch.manual_seed(0)
         model = build_model(args.preset, args.size)
-    return model.to(device).eval(), device, dtype
+    return model.to(device).eval()
+
+
+def _is_bench_json(path: Path) -> bool:
+    """An earlier bench.json of this command (which it may replace)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(results, dict) and {"header", "full", "decode", "quality"} <= set(results)
+            and isinstance(results["header"], dict) and "command" in results["header"])
+
+
+def check_bench_out(path: str | Path) -> Path:
+    """``--out`` is a folder (or can be made) where snlp-bench may write its three files: it is never
+    a file, and a bench.json, bench.md or speedup_vs_ppl.png there is replaced only when the
+    bench.json is this command's own (the rest of the folder is never touched)."""
+    out = Path(path).expanduser()
+    kind = path_kind(out)
+    if kind == "missing":
+        check_writable_parent(out, "--out")
+        return out
+    if kind != "a folder":
+        raise UserError(f"--out {out} is {kind}, not a folder: give a folder for {', '.join(BENCH_FILES)}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} is not writable (permission denied)")
+    clean_stale_temps(out)  # the temporaries of a bench that died while writing
+    for name in BENCH_FILES:
+        if path_kind(out / name) not in ("missing", "a file"):
+            raise UserError(f"--out {out} holds {name} as {path_kind(out / name)}, where snlp-bench writes a file: choose another folder")
+    if (out / "bench.json").exists():
+        if not _is_bench_json(out / "bench.json"):
+            raise UserError(f"--out {out} holds a bench.json that snlp-bench did not write: choose another folder (nothing was replaced)")
+    else:
+        theirs = [name for name in BENCH_FILES if (out / name).exists()]
+        if theirs:
+            raise UserError(f"--out {out} holds {', '.join(theirs)} but no bench.json of snlp-bench: "
+                            "choose another folder (nothing was replaced)")
+    return out
+
+
+def _windows(data_dir: str, seq_len: int, max_tokens: int, vocab_size: int):
+    """The validation windows, read before any timing so that a bad --data-dir fails at once."""
+    folder = require_dir(data_dir, "--data-dir", "give a folder prepared by snlp-prepare")
+    try:
+        windows = validation_windows(folder, seq_len, max_tokens)
+    except FileNotFoundError as err:
+        raise UserError(f"--data-dir {folder}: {str(err).splitlines()[0]}") from None
+    top = int(windows.max())
+    if top >= vocab_size:
+        raise UserError(f"--data-dir {folder} holds token id {top}, beyond the model's vocabulary of {vocab_size}: "
+                        "it was prepared with another tokenizer")
+    return windows
 
 
 def sweep_plans(n_layer: int, mhc: bool, fuses, iters, inits) -> list[SolverPlan]:
@@ -114,35 +182,68 @@ def sweep_plans(n_layer: int, mhc: bool, fuses, iters, inits) -> list[SolverPlan
 
 
 def run(args, command: str = "(python API)") -> str:
-    model, device, dtype = _load(args)
+    # Every check first (settings, output folder, model, plans, lengths, validation data): a bad
+    # value fails at once, never after minutes of timing.
+    device, dtype = _settings(args)
+    out = check_bench_out(args.out)
+    model = _load(args, device)
     cfg = model.config
     plans = [SolverPlan.parse(p).validate(cfg) for p in args.plans]
     swept = sweep_plans(cfg.n_layer, cfg.use_mhc, args.sweep_fuse, args.sweep_iters, args.sweep_inits) if args.sweep else []
     timed = list(dict.fromkeys(p for p in plans + swept if p.method in DECODER_METHODS))
     skipped = [str(p) for p in plans if p.method not in DECODER_METHODS]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {"header": header(model, device, dtype, args, command), "full": [], "decode": [], "quality": {}, "skipped_timing": skipped}
     lengths = sorted({min(t, cfg.sequence_len) for t in args.lengths})
-    for length in lengths:
-        results["full"] += full_forward(model, timed, length, device, dtype, args)
-        print(f"full forward T={length}: done", file=sys.stderr)
     if not args.no_decode:
-        for batch in args.decode_batches:
-            # Swept plans are ranked by the full forward; decode rows are for the named plans.
-            results["decode"] += decode_rows(model, [p for p in plans if p.method in DECODER_METHODS], batch, device, dtype, args)
-            print(f"decode batch {batch}: done", file=sys.stderr)
+        _check_decode(args, cfg, [p for p in plans if p.method in DECODER_METHODS])
+    windows = None
     if args.data_dir and not args.no_quality:
-        windows = validation_windows(args.data_dir, min(cfg.sequence_len, lengths[0]), args.val_tokens)
-        results["quality"] = quality(model.float(), windows, list(dict.fromkeys(plans + swept)))
-        results["quality_tokens"] = int(windows[:, 1:].numel())
+        windows = _windows(args.data_dir, min(cfg.sequence_len, lengths[0]), args.val_tokens, cfg.vocab_size)
+
+    results = {"header": header(model, device, dtype, args, command), "full": [], "decode": [], "quality": {}, "skipped_timing": skipped}
+    try:
+        for length in lengths:
+            results["full"] += full_forward(model, timed, length, device, dtype, args)
+            print(f"full forward T={length}: done", file=sys.stderr)
+        if not args.no_decode:
+            for batch in args.decode_batches:
+                # Swept plans are ranked by the full forward; decode rows are for the named plans.
+                results["decode"] += decode_rows(model, [p for p in plans if p.method in DECODER_METHODS], batch, device, dtype, args)
+                print(f"decode batch {batch}: done", file=sys.stderr)
+        if windows is not None:
+            results["quality"] = quality(model.float(), windows, list(dict.fromkeys(plans + swept)))
+            results["quality_tokens"] = int(windows[:, 1:].numel())
+    except torch.OutOfMemoryError:
+        raise Fault(f"out of memory on {device}: use shorter --lengths, smaller --decode-batches or --dtype bfloat16") from None
     if swept:
         results["sweep"] = choose(results, swept, lengths[0], args.budget)
     report = markdown(results, cfg.n_layer)
-    (out / "bench.md").write_text(report + "\n")
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, lengths[0], out / "speedup_vs_ppl.png")
+    write_outputs(out, results, report, lengths[0])
     return report
+
+
+def _check_decode(args, cfg, plans) -> None:
+    """The decode section's lengths and drafting plan, checked before any timing."""
+    room = args.prompt_len + args.decode_tokens + args.draft_len + 2
+    if room > cfg.sequence_len:
+        raise UserError(f"--prompt-len {args.prompt_len} + --decode-tokens {args.decode_tokens} + --draft-len {args.draft_len} "
+                        f"+ 2 = {room} exceeds the model's sequence_len={cfg.sequence_len} (or pass --no-decode)")
+    if args.speculative_plan:
+        plan = SolverPlan.parse(args.speculative_plan).validate(cfg)
+        if plan.method not in DECODER_METHODS:
+            raise UserError(f"--speculative-plan {args.speculative_plan!r} cannot draft: the decoder serves methods "
+                            f"{', '.join(DECODER_METHODS)}")
+
+
+def write_outputs(out: Path, results: dict, report: str, length: int) -> None:
+    """bench.md, speedup_vs_ppl.png (when there is quality) and bench.json, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench.md", report + "\n")
+    png = out / "speedup_vs_ppl.png"
+    if results["quality"]:
+        plot(results, length, png)
+    else:
+        png.unlink(missing_ok=True)  # an earlier run's plot would not belong to these results
+    atomic_write_text(out / "bench.json", json.dumps(results, indent=2) + "\n")
 
 
 def header(model, device, dtype, args, command: str) -> dict:
@@ -200,7 +301,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
     new, prompt_len = args.decode_tokens, args.prompt_len
     room = prompt_len + new + args.draft_len + 2
     if room > model.config.sequence_len:
-        raise ValueError(f"--prompt-len {prompt_len} + --decode-tokens {new} + drafts exceed sequence_len={model.config.sequence_len}")
+        raise UserError(f"--prompt-len {prompt_len} + --decode-tokens {new} + drafts exceed sequence_len={model.config.sequence_len}")
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     make = lambda plan: LayerParallelDecoder(model, plan, batch_size=batch, max_seq_len=room, dtype=dtype, device=device)  # noqa: E731
@@ -318,8 +419,11 @@ def plot(results: dict, length: int, path: Path) -> None:
     ax.set_title(results["header"]["device"], fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

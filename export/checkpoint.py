@@ -1,42 +1,96 @@
-"""Load a trained model for export: a Lightning checkpoint of ``snlp fit`` or a nanochat checkpoint.
+"""Load a trained model for export: a Lightning checkpoint of ``snlp fit`` or a nanochat checkpoint,
+and the settings every export command parses the same way (dtype, device, counts).
 
     model, tokenizer_path = load_model("runs/quickstart/checkpoints/last.ckpt")
 """
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from snlp_lightning.checkpoint_io import AtomicCheckpointIO
-from snlp_lightning.config import ModelConfig
+from snlp_lightning.config import ConfigError, ModelConfig
+from snlp_lightning.errors import UserError, path_kind
 from snlp_lightning.models.gpt import GPT
 from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
 
 MODEL_PREFIX = "model."
+NANOCHAT_HINT = "a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it), or a folder holding one"
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """``path`` must be a .ckpt file, a nanochat ``model_*.pt`` file, or a folder holding one; else a
+    CheckpointError saying what it is instead."""
+    path = Path(path).expanduser()
+    kind = path_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if kind == "something else":
+        raise CheckpointError(f"checkpoint {path} is not a regular file or folder: give {NANOCHAT_HINT}")
+    if kind == "a folder":
+        if path.suffix == ".ckpt" or not any(path.glob("model_*.pt")):
+            raise CheckpointError(f"checkpoint {path} is a folder, not a file (and holds no nanochat model_*.pt): give {NANOCHAT_HINT}")
+        return path
+    if path.suffix != ".ckpt" and not (path.name.startswith("model_") and path.suffix == ".pt"):
+        raise CheckpointError(f"checkpoint {path} is neither a .ckpt nor a nanochat model_*.pt file: give {NANOCHAT_HINT}")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointError(f"checkpoint {path} is not readable (permission denied)") from None
+    return path
 
 
 def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     """(the model in eval mode on the CPU, the tokenizer.json of its training data if it can be found).
 
     ``path``: a ``.ckpt`` written by ``snlp fit``, or a nanochat ``model_*.pt`` / checkpoint folder.
+    Only tensors and plain containers are unpickled (``weights_only=True``).
     """
-    path = Path(path)
-    if path.suffix != ".ckpt":
+    path = check_checkpoint_path(path)
+    if path.suffix != ".ckpt" or path.is_dir():
         return load_nanochat(path).eval(), _tokenizer_near(path)
-    checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=False)
-    fields = checkpoint.get("hyper_parameters", {}).get("config")
+    checkpoint = _load_lightning(path)
+    hyper = checkpoint.get("hyper_parameters")
+    fields = hyper.get("config") if isinstance(hyper, dict) else None
     if not isinstance(fields, dict):
         raise CheckpointError(f"checkpoint {path} has no model config in its hyper_parameters (was it written by snlp fit?)")
-    model = GPT(ModelConfig(**fields))
+    try:
+        model = GPT(ModelConfig(**fields))
+    except (TypeError, ConfigError) as err:  # a field this version does not know, or a bad value
+        raise CheckpointError(f"checkpoint {path} has a model config this version cannot use ({str(err).splitlines()[0]})") from None
     state = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shapes that do not fit the config
+        raise CheckpointError(f"checkpoint {path} does not fit its config: {str(err).strip().splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    data_dir = checkpoint.get("datamodule_hyper_parameters", {}).get("data_dir")
-    tokenizer = Path(data_dir) / "tokenizer.json" if data_dir else None
+    data = checkpoint.get("datamodule_hyper_parameters")
+    data_dir = data.get("data_dir") if isinstance(data, dict) else None
+    tokenizer = Path(data_dir) / "tokenizer.json" if isinstance(data_dir, str) and data_dir else None
     return model.eval(), tokenizer if tokenizer is not None and tokenizer.is_file() else None
+
+
+def _load_lightning(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if zipfile.is_zipfile(path) and "weights only" in str(err).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors, numbers, strings, lists and dicts, "
+                "which are not loaded (weights_only): was it written by snlp fit?"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return checkpoint
 
 
 def _tokenizer_near(path: Path) -> Path | None:
@@ -47,10 +101,65 @@ def _tokenizer_near(path: Path) -> Path | None:
     return None
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """'float32' | 'bfloat16' | 'float16' | 'float64' (or their short names) -> torch dtype."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
-    if name not in names:
-        raise ValueError(f"dtype {name!r} is not allowed: one of {', '.join(names)}")
-    return names[name]
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not allowed: one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    """A device this torch and machine can run on ('cpu', 'cuda', 'cuda:1', 'mps', ...); else a UserError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {name!r} is not a device: one of {', '.join(DEVICE_TYPES)} (e.g. cuda:0)") from None
+    if device.type not in DEVICE_TYPES:
+        raise UserError(f"--device {name!r} is not supported: one of {', '.join(DEVICE_TYPES)}")
+    if device.type == "cpu":
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        build = "a CPU-only build" if device.type == "cuda" and torch.version.cuda is None else "a build without it or no such device"
+        raise UserError(f"--device {name!r} is not available: torch {torch.__version__} is {build} here (use --device cpu)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {name!r} is not available: this machine has {count} {device.type} device(s), 0..{count - 1}")
+    return device
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (counts and lengths), with a message naming the value."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= {minimum}")
+        return value
+
+    count.__name__ = f"integer >= {minimum}"
+    return count
+
+
+def at_least_float(minimum: float):
+    """An argparse type: a number >= ``minimum``."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= minimum:  # NaN too
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= {minimum}")
+        return value
+
+    number.__name__ = f"number >= {minimum}"
+    return number

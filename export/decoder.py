@@ -23,6 +23,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from snlp_lightning.errors import UserError
 from snlp_lightning.models.gpt import GPT
 from snlp_lightning.models.kv_cache import StackCache, new_cache
 from snlp_lightning.models.mhc import ConnectionStack
@@ -36,7 +37,7 @@ from snlp_lightning.solvers.surrogates import make_surrogate
 DECODER_METHODS = ("seq", "idn", "hcn", "damped", "fixed")
 
 
-class DecoderError(ValueError):
+class DecoderError(UserError):
     """A plan, shape or length the decoder cannot serve; the message says what is allowed."""
 
 

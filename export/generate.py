@@ -34,12 +34,15 @@ def generate_tokens(
     seed: int = 0,
     steps: dict[str, Step] | None = None,
     on_tokens=None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
-    """New tokens per prompt, decoded with the decoder's plan (one decode step per token)."""
+    """New tokens per prompt, decoded with the decoder's plan (one decode step per token); only ids
+    below ``vocab_limit`` when given (a tokenizer smaller than the model's vocabulary)."""
     fns = _steps(decoder, steps)
     return generate(
         fns["prefill"], fns["decode"], prompts, max_new_tokens, rows=decoder.batch_size, max_seq_len=decoder.max_seq_len,
         device=decoder.k_cache.device, temperature=temperature, top_k=top_k, seed=seed, on_tokens=on_tokens,
+        vocab_limit=vocab_limit,
     )
 
 
@@ -52,11 +55,13 @@ def speculative_tokens(
     top_k: int | None = None,
     seed: int = 0,
     steps: dict[str, Step] | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
-    """New tokens per prompt: the plan drafts ``draft_len`` tokens, the exact model verifies them."""
+    """New tokens per prompt: the plan drafts ``draft_len`` tokens, the exact model verifies them
+    (only ids below ``vocab_limit`` when given)."""
     fns = _steps(decoder, steps)
     return speculative_generate(
         fns["prefill_exact"], fns["decode"], fns["verify"], prompts, max_new_tokens, draft_len=draft_len,
         rows=decoder.batch_size, max_seq_len=decoder.max_seq_len, device=decoder.k_cache.device,
-        temperature=temperature, top_k=top_k, seed=seed,
+        temperature=temperature, top_k=top_k, seed=seed, vocab_limit=vocab_limit,
     )

@@ -55,15 +55,27 @@ def interleaved_ms(
 
 
 def validation_windows(data_dir: str | Path, seq_len: int, max_tokens: int) -> Tensor:
-    """(W, seq_len + 1) token windows from the val split of a prepared data dir, up to max_tokens targets."""
+    """(W, seq_len + 1) token windows from the val split of a prepared data dir, up to max_tokens targets.
+
+    The folder goes through the same checks as TokenDataModule (manifest, val/index.json, every chunk
+    file's size, enough tokens for one window): bad data is one DataError line naming the file.
+    """
     from litdata import StreamingDataset
     from litdata.streaming.item_loader import TokensLoader
 
-    val = Path(data_dir) / "val"
-    if not val.is_dir():
-        raise FileNotFoundError(f"no validation split at {val}: prepare data with snlp-prepare, or pass --data-dir")
-    dataset = StreamingDataset(str(val), item_loader=TokensLoader(block_size=seq_len + 1))
-    count = max(1, min(len(dataset), max_tokens // seq_len))
+    from snlp_lightning.data import DataError, data_uri, read_manifest, read_split_index, require_windows
+
+    data_dir = str(data_dir)
+    read_manifest(data_dir)
+    index = read_split_index(data_dir, "val")
+    if index is not None:
+        require_windows(data_dir, "val", index, seq_len)
+    dataset = StreamingDataset(data_uri(data_dir, "val"), item_loader=TokensLoader(block_size=seq_len + 1))
+    count = min(len(dataset), max(1, max_tokens // seq_len))
+    if count == 0:  # a remote split with too few tokens (local ones are checked above)
+        raise DataError(
+            f"the val split of {data_dir} holds no window of seq_len + 1 = {seq_len + 1} tokens; use a smaller seq_len"
+        )
     return torch.stack([dataset[i].long() for i in range(count)])
 
 

@@ -20,18 +20,25 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from snlp_lightning.errors import (
+    UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, require_file, run_entry, unexpected_entries,
+)
+
+from .checkpoint import at_least
 from .decoder import LayerParallelDecoder, example_inputs
 
+PROG = "snlp-export"
 FORMAT = "snlp-export/1"
 RUNTIME_FILES = ("__init__.py", "runtime.py", "text.py", "standalone.py")
+# Everything a package folder holds: --overwrite replaces only a folder with nothing else in it.
+PACKAGE_ENTRIES = ("model.pt2", "manifest.json", "tokenizer.json", "snlp_runtime", "generate.py")
 LAUNCHER = '''"""Generate text with this exported package: python generate.py --prompt "Once upon a time"."""
 import sys
 from pathlib import Path
@@ -43,7 +50,7 @@ raise SystemExit(main([str(Path(__file__).resolve().parent)] + sys.argv[1:]))
 '''
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """Export settings or an output folder that cannot be used."""
 
 
@@ -69,19 +76,65 @@ def _compile_entry(decoder: LayerParallelDecoder, entry: str, tokens: int, dynam
     return torch._inductor.aot_compile(program.module(), args, options={"aot_inductor.package": True})
 
 
+def package_problem(folder: Path) -> str | None:
+    """None when ``folder`` is an earlier snlp-export package (a manifest of this format and nothing but
+    a package's own entries); else why it is not (``--overwrite`` replaces only packages)."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return "it has no manifest.json"
+    try:
+        found = json.loads(manifest_path.read_text(encoding="utf-8")).get("format")
+    except (ValueError, AttributeError, OSError):
+        return "its manifest.json is not an snlp-export manifest"
+    if found != FORMAT:
+        return f"its manifest.json has format {found!r}, not {FORMAT!r}"
+    extra = unexpected_entries(folder, PACKAGE_ENTRIES)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        return f"it also holds {shown}"
+    return None
+
+
+def check_package_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """``out`` may become (or replace) a package folder: new, empty, or with ``overwrite`` an earlier
+    package that holds none of ``inputs``. Raises ExportError naming the problem."""
+    out = Path(out).expanduser()
+    try:
+        return check_output_dir(out, what="output folder", overwrite=overwrite, is_own_output=package_problem, inputs=inputs)
+    except UserError as err:
+        if not overwrite and "already exists" in str(err):
+            if package_problem(out) is None:
+                raise ExportError(f"output folder {out} exists: pass --overwrite to replace it") from None
+            raise ExportError(f"output folder {out} exists and is not an snlp-export package ({package_problem(out)}): "
+                              "choose a new folder") from None
+        raise ExportError(str(err)) from None
+
+
 def export_package(
-    decoder: LayerParallelDecoder, out: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False
+    decoder: LayerParallelDecoder,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Compile both entry points, write the package folder atomically (temp dir + rename); returns it."""
+    """Compile both entry points and write the package folder all or nothing (built in a temporary
+    folder beside ``out``, then renamed over it); returns it.
+
+    ``out`` must be new, empty, or (with ``overwrite``) an earlier package holding neither the
+    tokenizer nor any of ``inputs`` (e.g. the checkpoint).
+    """
     from torch._inductor.package import package_aoti
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"output folder {out} exists: pass --overwrite to replace it")
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise ExportError(f"tokenizer {tokenizer} does not exist")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    out = Path(out).expanduser()
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer).expanduser()
+        try:
+            require_file(tokenizer, "tokenizer")
+        except UserError as err:
+            raise ExportError(str(err)) from None
+    clean_stale_temps(out.parent)  # the leftovers of an export that died
+    out = check_package_dir(out, overwrite, [*inputs, *([tokenizer] if tokenizer is not None else [])])
+    staging = make_temp_dir(out)
     try:
         with torch.no_grad():
             files = {
@@ -99,13 +152,26 @@ def export_package(
             (runtime / name).write_text(source.read_text() if source else '"""The torch-only runtime of an exported SNLP package."""\n')
         (staging / "generate.py").write_text(LAUNCHER)
         (staging / "manifest.json").write_text(json.dumps(manifest(decoder, tokenizer is not None), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        _sync_tree(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # a temporary folder is private (0700); a package is not
+        install_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk before it is renamed into place."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool) -> dict:
@@ -126,28 +192,46 @@ def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="snlp-export", description="Export a checkpoint + plan to an AOTInductor package.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Export a checkpoint + plan to an AOTInductor package.")
     p.add_argument("--checkpoint", required=True, help="a .ckpt from snlp fit, or a nanochat checkpoint")
     p.add_argument("--plan", default="seq", help="solver plan, e.g. idn:n6:3xF2:K2")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=1, help="KV cache rows")
-    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache positions (default: the model's sequence_len)")
+    p.add_argument("--out", required=True, help="output folder (new, or an earlier package with --overwrite)")
+    p.add_argument("--batch-size", type=at_least(1), default=1, help="KV cache rows")
+    p.add_argument("--max-seq-len", type=at_least(1), default=None, help="KV cache positions (default: the model's sequence_len)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's training tokenizer)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    from .checkpoint import load_model, parse_dtype
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier snlp-export package")
+    return p
 
-    try:
-        model, tokenizer = load_model(args.checkpoint)
-        decoder = LayerParallelDecoder(model, args.plan, args.batch_size, args.max_seq_len, parse_dtype(args.dtype), torch.device(args.device))
-        start = time.perf_counter()
-        out = export_package(decoder, args.out, args.tokenizer or tokenizer, args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"snlp-export: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .runtime import GenerationError
+    from .text import TokenizerError
+
+    return run_entry(PROG, _run, args, user_errors=(GenerationError, TokenizerError))
+
+
+def _run(args) -> int:
+    from .checkpoint import check_checkpoint_path, load_model, parse_device, parse_dtype
+
+    # Every check that needs no model first: a bad --out or setting costs no checkpoint load.
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    checkpoint = check_checkpoint_path(args.checkpoint)
+    check_package_dir(args.out, args.overwrite, [checkpoint, *([args.tokenizer] if args.tokenizer else [])])
+    model, tokenizer = load_model(checkpoint)
+    tokenizer = args.tokenizer or tokenizer
+    if tokenizer is not None:  # a package whose tokenizer cannot serve its model would fail only when used
+        from .runtime import check_tokenizer_size
+        from .text import TextCodec
+
+        codec = TextCodec(tokenizer)
+        check_tokenizer_size(codec.size, model.config.vocab_size, codec)
+    decoder = LayerParallelDecoder(model, args.plan, args.batch_size, args.max_seq_len, dtype, device)
+    start = time.perf_counter()
+    out = export_package(decoder, args.out, tokenizer, args.overwrite, inputs=[checkpoint])
     size = (out / "model.pt2").stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, plan {decoder.plan}, {time.perf_counter() - start:.0f} s)")
     return 0

@@ -29,6 +29,33 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
         raise GenerationError(f"top_k={top_k} is not allowed: a positive integer or None (all tokens)")
 
 
+def check_tokenizer_size(tokenizer_size: int, vocab_size: int, tokenizer: object = "the tokenizer") -> int | None:
+    """The ``vocab_limit`` of generation for a tokenizer of ``tokenizer_size`` ids and a model of
+    ``vocab_size``: None when they match; the tokenizer's size when it is smaller (the model could
+    emit ids the tokenizer cannot decode); an error when it is larger (a prompt could hold ids the
+    model cannot embed)."""
+    if tokenizer_size > vocab_size:
+        raise GenerationError(
+            f"{tokenizer} has {tokenizer_size} token ids but the model's vocabulary has only {vocab_size}: "
+            "a prompt could hold ids the model cannot embed; use the tokenizer the model was trained with"
+        )
+    return tokenizer_size if tokenizer_size < vocab_size else None
+
+
+def limit_vocab(step: Step, limit: int | None) -> Step:
+    """``step`` whose logits keep only the ids below ``limit`` (all of them when None), so that greedy
+    and sampled tokens are always ids the tokenizer can decode."""
+    if limit is None:
+        return step
+    if limit < 1:
+        raise GenerationError(f"vocab_limit={limit} is not allowed: a positive number of token ids or None")
+
+    def limited(tokens: Tensor, positions: Tensor, prev: Tensor) -> Tensor:
+        return step(tokens, positions, prev)[..., :limit]
+
+    return limited
+
+
 def probabilities(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
     """Sampling distribution (..., V) from logits (..., V): temperature, then the top-k tokens kept."""
     logits = logits.float() / temperature
@@ -99,6 +126,8 @@ def start_generation(
     every row continues at its own length, so they are overwritten before they could be read.
     """
     check_sampling(temperature, top_k)
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise GenerationError(f"seed={seed} is not allowed: an integer in -2**63 .. 2**64 - 1")
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
     tokens, lengths = pad_prompts(prompts, rows, room, max_seq_len, device)
@@ -123,11 +152,14 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     on_tokens: Callable[[Tensor], None] | None = None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Generate ``max_new_tokens`` after each prompt; returns the new tokens per prompt.
 
-    ``on_tokens`` receives each step's (B,) tokens (streaming).
+    ``on_tokens`` receives each step's (B,) tokens (streaming). ``vocab_limit``: new tokens are
+    ids below it (a tokenizer smaller than the model's vocabulary; see ``check_tokenizer_size()``).
     """
+    prefill, decode = limit_vocab(prefill, vocab_limit), limit_vocab(decode, vocab_limit)
     start = start_generation(prefill, prompts, max_new_tokens, max_new_tokens, rows=rows, max_seq_len=max_seq_len,
                              device=device, temperature=temperature, top_k=top_k, seed=seed)
     count = len(prompts)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .runtime import GenerationError, Step, probabilities, sample, start_generation
+from .runtime import GenerationError, Step, limit_vocab, probabilities, sample, start_generation
 
 
 @dataclass
@@ -48,14 +48,18 @@ def speculative_generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
+    vocab_limit: int | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """Generate with D = ``draft_len`` drafts per round; ``verify`` takes (B, D + 1) tokens.
 
     prefill_exact and verify must run the exact sequential model; draft is the plan's decode step.
-    Returns (new tokens per prompt, acceptance statistics).
+    ``vocab_limit``: drafts, verification and new tokens use only the ids below it (the verified
+    distribution is the sequential model's restricted to those ids). Returns (new tokens per
+    prompt, acceptance statistics).
     """
     if draft_len < 1:
         raise GenerationError(f"draft_len={draft_len} is not allowed: must be >= 1")
+    prefill_exact, draft, verify = (limit_vocab(step, vocab_limit) for step in (prefill_exact, draft, verify))
     # A round may run D + 1 positions past the last kept token.
     start = start_generation(prefill_exact, prompts, max_new_tokens, max_new_tokens + draft_len + 1, rows=rows,
                              max_seq_len=max_seq_len, device=device, temperature=temperature, top_k=top_k, seed=seed)

@@ -10,25 +10,58 @@ from typing import Sequence
 BOS_TOKEN = "<|bos|>"
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used, or a prompt it cannot encode; the message names it."""
+
+
 class TextCodec:
     """Encodes prompts (BOS first) and streams decoded text as tokens arrive."""
 
     def __init__(self, tokenizer_path: str | Path):
         from tokenizers import Tokenizer
 
-        path = Path(tokenizer_path)
+        if tokenizer_path is None or not str(tokenizer_path):
+            raise TokenizerError("no tokenizer found: pass --tokenizer path/to/tokenizer.json")
+        path = Path(tokenizer_path).expanduser()
+        if not path.exists():
+            raise TokenizerError(f"tokenizer {path} does not exist: pass --tokenizer path/to/tokenizer.json")
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer {path} does not exist: pass --tokenizer path/to/tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(path))
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise TokenizerError(f"tokenizer {path} is {kind}, not a file: pass --tokenizer path/to/tokenizer.json")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except OSError:
+            raise
+        except Exception as err:  # the tokenizers library raises its own exception types for bad files
+            raise TokenizerError(f"tokenizer {path} is not a tokenizers JSON file ({_first_line(err)})") from None
+        self.path = path
         self.bos = self.tokenizer.token_to_id(BOS_TOKEN)
         if self.bos is None:
-            raise ValueError(f"tokenizer {path} has no {BOS_TOKEN} token")
+            raise TokenizerError(f"tokenizer {path} has no {BOS_TOKEN} token")
+        # One past the largest id (ids need not be contiguous): the vocabulary the model must cover.
+        self.size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogate escapes
+            try:
+                shown = repr(text.encode("utf-8", "surrogateescape"))  # the bytes as given
+            except UnicodeEncodeError:
+                shown = ascii(text)
+            raise TokenizerError(f"prompt {shown[:80]} is not valid UTF-8 text") from None
         return [self.bos] + self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def __str__(self) -> str:
+        return f"tokenizer {self.path}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class Streamer:

@@ -1,46 +1,107 @@
-"""Checkpoints that never lose work: temp file + fsync + rename, and clear errors on bad files."""
+"""Checkpoints that never lose work: atomic writes, never a NaN weight, clear errors on bad files.
+
+- A local checkpoint is written to a temporary beside the target (``errors.atomic_file``: host and
+  pid in its name), flushed, fsynced and renamed over the target: a kill or a full disk mid-write
+  leaves the previous checkpoint intact. The first save of a run removes temporaries that a killed
+  earlier run left in that folder (never a live writer's).
+- A checkpoint whose weights hold NaN / inf is refused before anything is written (TrainingDiverged
+  names the step), so every saved checkpoint can be resumed.
+- A write that fails (full disk, permissions) is a Fault naming the file and saying the previous
+  checkpoints are kept; loading a missing, truncated or foreign file is a CheckpointError naming it.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .errors import Fault, atomic_file, clean_stale_temps, os_error_line, path_kind
 from .models.nanochat_io import CheckpointError
+
+
+class NonFiniteWeights(Fault, FloatingPointError):
+    """Weights about to be saved hold NaN or inf."""
 
 
 def _is_local(path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
+def non_finite_entries(state: dict[str, Any], limit: int = 3) -> list[str]:
+    """Names of floating-point tensors in ``state`` holding NaN / inf (at most ``limit``)."""
+    bad = []
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+class _Recording:
+    """A binary file that remembers the OSError of a failed write (torch.save hides it)."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but a local checkpoint is written to a temp file in the same
-    folder, flushed to disk and renamed over the target, so a crash mid-write leaves the previous
-    file intact. Loading a truncated or foreign file raises CheckpointError naming the file."""
+    """Lightning's torch checkpoint IO with atomic local writes, a finiteness check on the weights
+    and one-line errors (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cleaned: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        bad = non_finite_entries(checkpoint.get("state_dict", {}))
+        if bad:
+            step = checkpoint.get("global_step", "?")
+            raise NonFiniteWeights(
+                f"not saving {path}: the weights hold NaN/inf at step {step} ({', '.join(bad)}); "
+                "training diverged, the last saved checkpoint is kept"
+            )
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(str(path).removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        if target.parent not in self._cleaned:
+            clean_stale_temps(target.parent)  # leftovers of a run killed mid-write
+            self._cleaned.add(target.parent)
+        writer = None
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            with atomic_file(target) as f:
+                writer = _Recording(f)
+                torch.save(checkpoint, writer)
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer turns a failed write (full disk) into a RuntimeError ("unexpected
+            # pos"); the file wrapper kept the OSError that caused it.
+            cause = writer.error if writer is not None and writer.error is not None else err
+            if not isinstance(cause, OSError):
+                raise
+            cause.filename = cause.filename or str(target)
+            raise Fault(f"{os_error_line(cause, 'cannot write checkpoint')}; earlier checkpoints are kept as they were") from err
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
-        if _is_local(path) and not Path(str(path).removeprefix("file://")).is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
+        if _is_local(path):
+            local = Path(str(path).removeprefix("file://"))
+            kind = path_kind(local)
+            if kind == "missing":
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            if kind != "a file":
+                raise CheckpointError(f"checkpoint {path} is {kind}, not a .ckpt file")
         try:
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except CheckpointError:

@@ -6,30 +6,46 @@
     snlp fit --config configs/quickstart.yaml --print_config            # every field, overridable
     snlp fit --config configs/quickstart.yaml --trainer.strategy fsdp --trainer.devices 2 --model.optim.optimizer adamw
 
-Config errors, missing data and bad checkpoints end with one line on stderr (exit code 2), not a
-traceback; set SNLP_TRACEBACK=1 to see the traceback.
+Errors follow the project's one policy (``errors.run_entry``): bad input is one line on stderr and
+exit code 2, a fault (divergence, a full disk) one line and exit code 1; SNLP_TRACEBACK=1 shows
+the traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import torch
-
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO
-from .strategy import BlockFSDPStrategy
 from .config import ConfigError
-from .data import DataError, TokenDataModule
-from .models.gpt import TokenRangeError
+from .data import TokenDataModule
+from .errors import EXIT_BAD_INPUT, TRACEBACK_ENV, check_writable_parent, path_kind, run_entry
 from .models.nanochat_io import CheckpointError
-from .module import SNLPModule, TrainingDiverged
-from .solvers import PlanError
+from .module import SNLPModule
+from .strategy import BlockFSDPStrategy
 
-USER_ERRORS = (ConfigError, PlanError, CheckpointError, TokenRangeError, TrainingDiverged, DataError)
+
+class OneLineParser(LightningArgumentParser):
+    """jsonargparse's parser, but a bad argument ends with one line instead of the whole usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG") or os.environ.get(TRACEBACK_ENV):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        line = " ".join(str(message).split())
+        line = line if len(line) <= 400 else line[:397] + "..."
+        words = parser.prog.replace(" [options]", "").split()
+        prog = " ".join(["snlp", *words[1:]])  # the console script's name, also under python -m
+        print(f"snlp: error: {line} (all options: {prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
 
 
 class SNLPCLI(LightningCLI):
@@ -38,37 +54,104 @@ class SNLPCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        """``trainer.strategy: fsdp`` means SNLP's FSDP: one unit per Block (``strategy.BlockFSDPStrategy``)."""
+        """``trainer.strategy: fsdp`` means SNLP's FSDP: one unit per Block (``strategy.BlockFSDPStrategy``);
+        checkpoints go through AtomicCheckpointIO unless the config names another CheckpointIO.
+
+        The plugin is added here rather than in the trainer defaults so that ``--print_config`` and
+        the run's saved config.yaml stay loadable with ``--config`` (an instance does not serialize).
+        """
         if config.get("strategy") == "fsdp":
             config["strategy"] = BlockFSDPStrategy()
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         self.model.check_strategy(self.trainer.strategy, fitting=True)  # fail before other processes start
+        self._check_output_folders()
+
+    def _check_output_folders(self) -> None:
+        """Checkpoint and log folders must be creatable now, not after the first N training steps."""
+        folders = [("checkpoint.dirpath", getattr(self.trainer.checkpoint_callback, "dirpath", None))]
+        folders += [("trainer.logger save_dir", getattr(logger, "save_dir", None)) for logger in self.trainer.loggers]
+        for what, folder in folders:
+            if not folder or "://" in str(folder):
+                continue
+            folder = Path(folder)
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{what} {folder} is {path_kind(folder)}, not a folder; choose a folder path")
+            if not folder.exists():
+                check_writable_parent(folder, what)
+
+    def before_validate(self) -> None:
+        # Scoring needs trained weights: a checkpoint (resolved by the Trainer for "last") or init_from.
+        self.model.require_weights = True
 
     def _parse_ckpt_path(self) -> None:
         """Take the model architecture (and only it) from the checkpoint given with --ckpt_path.
 
         Lightning's own version copies every saved hyperparameter over the command line; here the
         architecture must match the weights, while eval_plans, regularizer and optim stay the
-        user's (so ``validate --ckpt_path X --model.eval_plans [...]`` sweeps plans). A missing
-        or corrupt file is a CheckpointError naming it.
+        user's (so ``validate --ckpt_path X --model.eval_plans [...]`` sweeps plans).
+
+        - ``last`` is resolved here when ``checkpoint.dirpath`` is set, so it gets the same treatment;
+          ``validate`` with no last checkpoint there is an error (it would score an untrained model).
+        - ``fit`` (a resume) refuses a checkpoint whose architecture differs from the config;
+          ``validate`` takes the checkpoint's and says which fields it changed.
+        - A missing, corrupt or config-less file is a CheckpointError naming it.
         """
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = self._resolve_last(subcommand, section)
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-        config = checkpoint.get("hyper_parameters", {}).get("config")
-        if config:
-            self.config = self.parser.parse_object({subcommand: {"model": {"config": config}}}, self.config)
+        saved = checkpoint.get("hyper_parameters", {}).get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} has no model config (hyper_parameters.config): it was not written by snlp fit; "
+                "a nanochat checkpoint goes in --model.init_from"
+            )
+        given = section.get("model", {}).get("config")
+        given = given.as_dict() if hasattr(given, "as_dict") else dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
+        changed = [f"{k}={saved[k]!r} (config: {given[k]!r})" for k in saved if k in given and given[k] != saved[k]]
+        if changed and subcommand == "fit":
+            raise ConfigError(
+                f"checkpoint {ckpt_path} was trained with {', '.join(changed)}: resuming needs the same "
+                "architecture; use the config it was trained with or drop those overrides"
+            )
+        if changed:
+            print(f"snlp: using the architecture of {ckpt_path}: {', '.join(changed)}", file=sys.stderr)
+        section["ckpt_path"] = ckpt_path
+        self.config = self.parser.parse_object({subcommand: {"model": {"config": saved}}}, self.config)
+
+    @staticmethod
+    def _resolve_last(subcommand: str, section) -> str:
+        """``last`` -> the newest last*.ckpt in checkpoint.dirpath (Lightning's rule); unresolved
+        ``last`` is left to the Trainer when no dirpath is configured."""
+        dirpath = (section.get("checkpoint") or {}).get("dirpath")
+        if not dirpath:
+            return "last"
+        found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return str(found[-1])
+        if subcommand == "fit":
+            print(f"snlp: no last checkpoint in {dirpath}; training starts from step 0", file=sys.stderr)
+            return ""
+        raise CheckpointError(f"--ckpt_path last: there is no last*.ckpt in {dirpath}; train first (snlp fit) or pass a .ckpt path")
 
 
 def trainer_defaults() -> dict:
     return {
         # bf16 autocast where CUDA is, full fp32 on CPU (a config's trainer.precision wins).
         "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-        "plugins": [AtomicCheckpointIO()],
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "snlp"}},
     }
 
@@ -78,19 +161,16 @@ def run(args: list[str] | None = None) -> SNLPCLI:
         SNLPModule,
         TokenDataModule,
         trainer_defaults=trainer_defaults(),
+        parser_class=OneLineParser,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    try:
-        run(args)
-    except USER_ERRORS as err:
-        if os.environ.get("SNLP_TRACEBACK"):
-            raise
-        print(f"snlp: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    # Lightning's MisconfigurationException is its "bad Trainer setting" error (an accelerator this
+    # machine lacks, devices=0, ...): bad input, so one line and exit code 2.
+    run_entry("snlp", run, args, user_errors=(MisconfigurationException,))
 
 
 if __name__ == "__main__":

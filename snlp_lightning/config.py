@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config value that is not allowed; the message names the value and what is allowed."""
 
 

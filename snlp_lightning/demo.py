@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import build_model
+from .errors import run_entry
 from .metrics import compare_logits
 from .models import GPT
 from .solvers import SolverPlan, snlp_solve
@@ -65,12 +66,18 @@ def run(preset: str, layers: int, plans: list[str], seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_entry("snlp-demo", _main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="snlp-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="all", choices=["all", "plain", "nanochat", "mhc", "mhc-dynamic"])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--plans", nargs="*", default=None, help="plan strings, e.g. idn:n6:3xF2:K2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers} is not allowed: must be >= 1")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     presets = ["plain", "nanochat", "mhc", "mhc-dynamic"] if args.preset == "all" else [args.preset]
     for preset in presets:

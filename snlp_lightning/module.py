@@ -24,14 +24,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 
 from .config import ConfigError, ModelConfig
+from .errors import Fault
 from .models.gpt import GPT
-from .models.nanochat_io import load_nanochat
+from .models.nanochat_io import CheckpointError, load_nanochat
 from .optim import OptimConfig, build_optimizer
 from .regularizer import RegularizerConfig, diag_probes, snlp_regularizer, warmup_weight
 from .solvers import SolverPlan, snlp_forward
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(Fault, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
@@ -75,6 +76,8 @@ class SNLPModule(L.LightningModule):
         self.optim_config = optim.validate()
         self.plans = [SolverPlan.parse(p).validate(config) for p in eval_plans]
         self.probe_seed = probe_seed
+        self.init_from = init_from
+        self.require_weights = False  # set by `snlp validate`: scoring without a checkpoint is an error
         self.save_hyperparameters(
             {
                 "config": dataclasses.asdict(config),
@@ -100,6 +103,7 @@ class SNLPModule(L.LightningModule):
         self.last_table: list[dict] = []  # rows of the last validation's table
         self.last_tokens = 0
         self._step_start = None
+        self._last_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, CE) of the last step, for messages
 
     # -- data and strategy checks -----------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -164,11 +168,9 @@ class SNLPModule(L.LightningModule):
         weight = warmup_weight(self.global_step, self.schedule_steps, self.regularizer.warmup_fraction)
         losses = self.compute_losses(inputs, targets, torch.tensor(weight, device=inputs.device), self.global_step)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"training diverged at step {self.global_step}: loss is {loss.item()} (CE {losses['ce'].item()}); "
-                f"no update was applied and the last checkpoint is intact"
-            )
+        # Checked with the gradients in on_before_optimizer_step: there every rank sees the same
+        # reduced gradients, so all ranks stop together (a stop on one rank would hang the others).
+        self._last_losses = (loss.detach(), losses["ce"].detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ce", losses["ce"])
         self.log("train/reg", losses.get("reg_total", torch.zeros(())))
@@ -185,12 +187,38 @@ class SNLPModule(L.LightningModule):
             self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._step_start, 1e-9))
 
     def on_before_optimizer_step(self, optimizer):
+        """Log the gradient norm; stop before the update when the loss or a gradient is NaN / inf."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if self.per_block:  # FSDP: each rank holds a shard of every gradient; sum the squares over ranks
             squares = sum((g.float().square().sum() for g in grads), torch.zeros((), device=self.device))
-            self.log("train/grad_norm", self.trainer.strategy.reduce(squares, reduce_op="sum").sqrt())
+            norm = self.trainer.strategy.reduce(squares, reduce_op="sum").sqrt()
         elif grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        else:
+            return
+        self.log("train/grad_norm", norm)
+        # fp16 with a GradScaler expects inf gradients now and then: the scaler skips those steps.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not torch.isfinite(norm):
+            loss, ce = self._last_losses or (torch.tensor(float("nan")),) * 2
+            raise TrainingDiverged(
+                f"training diverged at step {self.global_step}: loss {loss.item():.6g} (CE {ce.item():.6g}), "
+                f"gradient norm {norm.item()}; no update was applied and the last checkpoint is intact"
+            )
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """The optimizer step, then a check that the weights are still finite, before any callback
+        (the checkpoint) sees them: finite gradients times a large learning rate can still overflow."""
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finite = torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all()
+        bad = (~finite).float()
+        if self.per_block:  # FSDP: every rank checks its shards; stop all ranks together
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad > 0):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the optimizer step made weights NaN/inf "
+                f"(lower the learning rates); nothing was saved after it, the last checkpoint is intact"
+            )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Norm clipping under FSDP goes through the root FSDP unit (the norm over all shards)."""
@@ -209,6 +237,14 @@ class SNLPModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation -------------------------------------------------------------------------------
+    def on_validation_start(self):
+        # The Trainer knows which checkpoint it restored only now (after setup).
+        if self.require_weights and self.trainer.state.fn == "validate" and self.trainer.ckpt_path is None and not self.init_from:
+            raise CheckpointError(
+                "snlp validate found no checkpoint to score (an untrained model would be scored): "
+                "pass --ckpt_path PATH.ckpt, or --model.init_from for a nanochat checkpoint"
+            )
+
     def on_validation_epoch_start(self):
         if self.per_block and self.plans:
             self.__dict__["_full_model"] = self._gather_full_model()  # not a registered submodule: no state-dict keys

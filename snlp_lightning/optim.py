@@ -21,6 +21,11 @@ except ImportError:  # pragma: no cover - older torch
     torch_muon_update = None
 
 
+# Far above any useful rate, and low enough that lr / (1 - beta1) and lr * weight decay stay finite
+# in float32 (a rate of 1e38 made the AdamW step fail with an overflow instead of training).
+MAX_LR = 1e6
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Learning rates and schedule (nanochat's defaults, AdamW rates scaled by (d / 768)^-0.5)."""
@@ -47,6 +52,18 @@ class OptimConfig:
             raise ConfigError(f"optimizer={self.optimizer!r} is not allowed: one of 'muon_adamw', 'adamw'")
         if self.optimizer == "muon_adamw" and torch_muon_update is None:
             raise ConfigError(f"optimizer='muon_adamw' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+        import math
+
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "mhc_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_LR:
+                raise ConfigError(f"{name}={value!r} is not allowed: a learning rate must lie in [0, {MAX_LR:g}]")
+        if isinstance(self.weight_decay, bool) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} is not allowed: must be a finite number >= 0")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"muon_momentum={self.muon_momentum} is not allowed: must lie in [0, 1)")
+        if not 0.0 <= self.final_lr_frac <= 1.0:
+            raise ConfigError(f"final_lr_frac={self.final_lr_frac} is not allowed: must lie in [0, 1]")
         if not 0.0 <= self.warmdown_ratio <= 1.0:
             raise ConfigError(f"warmdown_ratio={self.warmdown_ratio} is not allowed: must lie in [0, 1]")
         if self.schedule_steps is not None and self.schedule_steps < 1:

@@ -10,37 +10,37 @@ The table is also written to runs/<name>/validate.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from .cli import USER_ERRORS, run
+from .cli import run
+from .errors import UserError, run_entry
 from .module import format_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_entry("snlp-quickstart", _main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="snlp-quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data/bundled", help="prepared data (made from the bundled corpus if absent)")
     parser.add_argument("--config", default=str(CONFIGS / "quickstart.yaml"))
     args, extra = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
-        parser.error(f"config {args.config} not found; run from a checkout of snlp-lightning or pass --config")
+        raise UserError(f"config {args.config} not found; run from a checkout of snlp-lightning or pass --config")
     start = time.perf_counter()
-    try:
-        if not (Path(args.data_dir) / "manifest.json").is_file():
-            from data_prep import PrepareOptions, prepare
+    if not (Path(args.data_dir) / "manifest.json").is_file():
+        from data_prep import PrepareOptions, prepare
 
-            print(f"snlp-quickstart: preparing the bundled corpus into {args.data_dir}", flush=True)
-            prepare(PrepareOptions(out=args.data_dir, bundled=True, vocab_size=4096))
-        common = ["--config", args.config, "--data.data_dir", args.data_dir, *extra]
-        fit = run(["fit", *common])
-        last = fit.trainer.checkpoint_callback.last_model_path
-        validate = run(["validate", *common, "--ckpt_path", last])
-    except USER_ERRORS as err:
-        print(f"snlp-quickstart: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"snlp-quickstart: preparing the bundled corpus into {args.data_dir}", flush=True)
+        prepare(PrepareOptions(out=args.data_dir, bundled=True, vocab_size=4096))
+    common = ["--config", args.config, "--data.data_dir", args.data_dir, *extra]
+    fit = run(["fit", *common])
+    last = fit.trainer.checkpoint_callback.last_model_path
+    validate = run(["validate", *common, "--ckpt_path", last])
     module = validate.model
     table = format_table(module.last_table, module.last_tokens, module.config.n_layer)
     report = Path(last).parents[1] / "validate.md"

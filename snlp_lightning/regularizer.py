@@ -48,8 +48,9 @@ class RegularizerConfig:
 
     def validate(self, cfg: ModelConfig) -> "RegularizerConfig":
         for name in ("lambda_idn", "lambda_hcn", "lambda_diag"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"regularizer {name}={getattr(self, name)} is not allowed: must be >= 0")
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise ConfigError(f"regularizer {name}={value} is not allowed: must be a finite number >= 0")
         if self.lambda_hcn and not cfg.use_mhc:
             raise ConfigError("regularizer lambda_hcn > 0 needs an mHC model (use_mhc=True); use lambda_idn or lambda_diag")
         if self.stride < 0:

@@ -139,10 +139,10 @@ def test_manifest_records_sources_tokenizer_and_args(tiny):
 
 def test_prepare_is_deterministic_and_overwrite_replaces(tiny, tmp_path):
     out = tmp_path / "again"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    shutil.copytree(tiny.out, out)  # an earlier output: the only kind --overwrite replaces
+    (out / "tokenizer.json").write_text("{}")  # its contents are replaced, not kept
     again = prepare(tiny_options(tiny.root, out, overwrite=True))
-    assert not (out / "stale.txt").exists()
+    assert (out / "tokenizer.json").read_text() != "{}"
     for key in ("vocab_size", "documents", "split_rule"):
         assert again[key] == tiny.manifest[key]
     assert again["splits"] == tiny.manifest["splits"]  # token / document counts and chunk-layout fingerprints
@@ -230,7 +230,7 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
     (tmp_path / "good.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(PrepareError, match="already exists; pass --overwrite"):
+    with pytest.raises(PrepareError, match="already exists and is not empty"):
         prepare(PrepareOptions(out=str(tmp_path / "out"), inputs=[str(tmp_path / "good.jsonl")], progress=False))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 

@@ -220,4 +220,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[Variant]]:
 
 
 if __name__ == "__main__":
-    main()
+    from snlp_lightning.errors import run_entry
+
+    run_entry("regularizer_overhead", main)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..errors import UserError
 from .block import Block
 from .layers import rms_norm, rotary_tables
 from .stack import BlockInputs, WideBlocks, stack_blocks
@@ -20,8 +21,8 @@ from .stack import BlockInputs, WideBlocks, stack_blocks
 SMEAR_CHANNELS = 24
 
 
-class TokenRangeError(ValueError):
-    """Token ids outside the vocabulary."""
+class TokenRangeError(UserError):
+    """Token ids outside the vocabulary, or a token tensor of a shape or dtype the model cannot read."""
 
 
 class GPT(nn.Module):
@@ -102,11 +103,13 @@ class GPT(nn.Module):
         embedding smear mixes into rows whose position is > 0.
         """
         cfg = self.config
-        if idx.dim() != 2:
-            raise ValueError(f"tokens must have shape (batch, time), got {tuple(idx.shape)}")
+        if idx.dim() != 2 or idx.size(0) < 1 or idx.size(1) < 1:
+            raise TokenRangeError(f"tokens must have shape (batch, time) with batch, time >= 1, got {tuple(idx.shape)}")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TokenRangeError(f"tokens must be an integer tensor, got {idx.dtype}")
         t = idx.size(1)
         if positions is None and t > cfg.sequence_len:
-            raise ValueError(f"sequence of {t} tokens exceeds sequence_len={cfg.sequence_len}")
+            raise TokenRangeError(f"sequence of {t} tokens exceeds sequence_len={cfg.sequence_len}")
         if not torch.compiler.is_compiling() and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= cfg.vocab_size:

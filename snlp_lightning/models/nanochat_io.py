@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
+from ..errors import UserError
 from .gpt import GPT
 
 # nanochat GPTConfig fields that do not change the logits of the base model.
@@ -28,7 +29,7 @@ IGNORED_KEY_PREFIXES = ("mtp_projs.",)
 VOCAB_ROW_KEYS = ("transformer.wte.weight", "lm_head.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit; the message names the file or keys."""
 
 

@@ -9,7 +9,7 @@ Notation (spec section 2; options after K may come in any order):
     METHOD  fixed | idn | hcn | diagn | damped | newton
     nN      N parallel blocks (the last N; S = L - N run sequentially first)
     CxFM    C chunks of M fused blocks, C * M = N (or FM alone: C = N / M); omitted = NxF1
-    KK      K >= 1 parallel iterations
+    KK      1 <= K <= C parallel iterations (K = C is already exact)
     INIT    h0 (default: every iterate starts at h_init) | batch_fwd (one extra batched call)
     OPTION  kappa=0.5 (damped) | probes=2, eps=0.01, est=fd|vjp (diagn) | avg (fused branches / M)
 
@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from ..config import ModelConfig
 
@@ -31,7 +33,7 @@ ESTIMATORS = ("fd", "vjp")
 NOTATION = "seq | seq:nN:CxFM | METHOD:nN[:CxFM]:KK[:h0|batch_fwd][:kappa=..|probes=..|eps=..|est=fd|vjp|avg]"
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot be parsed or does not fit the model; the message says what is allowed."""
 
 
@@ -142,6 +144,14 @@ class SolverPlan:
             raise PlanError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.method != "seq" and self.iters < 1:
             raise PlanError(f"plan '{self}' has K={self.iters}; K must be >= 1")
+        if self.method != "seq" and self.iters > max(self.chunks, 1):
+            # After k iterations the first k chunks are exact whatever the surrogate (spec section 2),
+            # so K = C already gives the chunk-sequential forward; more iterations change nothing
+            # but the run time (an unbounded K ran until killed).
+            raise PlanError(
+                f"plan '{self}' has K={self.iters} but only C={self.chunks} chunk(s); K must lie in 1..{self.chunks} "
+                f"(K = C is already exact)"
+            )
         if self.n_par < 0 or (self.method != "seq" and self.n_par < 1):
             raise PlanError(f"plan '{self}' has N={self.n_par}; N must be >= 1")
         if self.fuse < 1 or self.chunks * self.fuse != self.n_par:
