@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .cli import run
-from .errors import UserError, run_entry
+from .errors import UserError, atomic_write_text, run_entry
 from .module import format_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,7 +44,7 @@ def _main(argv: list[str] | None) -> None:
     module = validate.model
     table = format_table(module.last_table, module.last_tokens, module.config.n_layer)
     report = Path(last).parents[1] / "validate.md"
-    report.write_text(table + "\n")  # the validate run has already printed it
+    atomic_write_text(report, table + "\n")  # the validate run has already printed it
     print(f"\nsnlp-quickstart: done in {time.perf_counter() - start:.0f} s; checkpoint {last}; table in {report}")
     print(f"TensorBoard: tensorboard --logdir {Path(last).parents[2]}")
 

@@ -29,35 +29,32 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def window_mask(windows: Tensor, t_query: int, t_key: int, q_offset: int, device) -> Tensor:
-    """Boolean attention mask, True = may attend.
+def window_mask(windows: Tensor, t: int, device) -> Tensor:
+    """Boolean attention mask over T positions, True = may attend.
 
-    Keys sit at positions 0 .. t_key - 1, queries at q_offset .. q_offset + t_query - 1.
     windows: (G, H) left window per group and head (query i sees keys i - w .. i).
-    Returns (G, 1, H, t_query, t_key), broadcastable over the batch axis.
+    Returns (G, 1, H, T, T), broadcastable over the batch axis.
     """
-    q_pos = torch.arange(q_offset, q_offset + t_query, device=device)
-    k_pos = torch.arange(t_key, device=device)
-    dist = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+    pos = torch.arange(t, device=device)
+    dist = pos[:, None] - pos[None, :]  # (T, T): query - key
     allowed = (dist >= 0)[None, None] & (dist[None, None] <= windows.to(device)[:, :, None, None])
     return allowed[:, None]
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: tuple[tuple[int, ...], ...], q_offset: int = 0) -> Tensor:
-    """Grouped-query causal attention, batched over G independent (possibly fused) blocks.
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: tuple[tuple[int, ...], ...]) -> Tensor:
+    """Grouped-query causal attention over T positions, batched over G independent (possibly fused) blocks.
 
-    q: (G, B, Hq, Tq, hd) at positions q_offset .. q_offset + Tq - 1; k, v: (G, B, Hkv, Tk, hd) at
-    positions 0 .. Tk - 1. Query head h reads kv head h // (Hq / Hkv). windows: G rows of Hq
-    per-head left windows (Python ints, so the mask decision is static under torch.compile).
-    Returns (G, B, Hq, Tq, hd). SDPA's default scale 1 / sqrt(hd).
+    q: (G, B, Hq, T, hd); k, v: (G, B, Hkv, T, hd). Query head h reads kv head h // (Hq / Hkv).
+    windows: G rows of Hq per-head left windows (Python ints, so the mask decision is static under
+    torch.compile). Returns (G, B, Hq, T, hd). SDPA's default scale 1 / sqrt(hd). (Attention over
+    a KV cache is ``kv_cache.cached_attention``.)
     """
     rep = q.size(2) // k.size(2)
     if rep > 1:
         k = k.repeat_interleave(rep, dim=2)
         v = v.repeat_interleave(rep, dim=2)
-    t_query, t_key = q.size(3), k.size(3)
-    span = q_offset + t_query - 1  # the largest query-key distance that causality allows
-    if q_offset == 0 and t_query == t_key and min(min(row) for row in windows) >= span:
+    t = q.size(3)
+    if min(min(row) for row in windows) >= t - 1:  # every window covers the whole sequence
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = window_mask(torch.tensor(windows), t_query, t_key, q_offset, q.device)
+    mask = window_mask(torch.tensor(windows), t, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
-from ..errors import UserError
+from ..errors import UserError, atomic_file, atomic_write_text
 from .gpt import GPT
 
 # nanochat GPTConfig fields that do not change the logits of the base model.
@@ -132,17 +131,13 @@ def export_nanochat(model: GPT) -> tuple[dict[str, Tensor], dict]:
 
 
 def save_nanochat(model: GPT, folder: str | os.PathLike, step: int = 0) -> Path:
-    """Write model_{step:06d}.pt and meta_{step:06d}.json atomically (temp file + rename)."""
+    """Write model_{step:06d}.pt and meta_{step:06d}.json, each atomically (errors.atomic_file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state, config = export_nanochat(model)
     target = folder / f"model_{step:06d}.pt"
-    for path, write in (
-        (folder / f"meta_{step:06d}.json", lambda f: f.write(json.dumps({"step": step, "model_config": config}, indent=2).encode())),
-        (target, lambda f: torch.save(state, f)),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+    # meta first: a model file is only ever read next to its config.
+    atomic_write_text(folder / f"meta_{step:06d}.json", json.dumps({"step": step, "model_config": config}, indent=2))
+    with atomic_file(target) as f:
+        torch.save(state, f)
     return target

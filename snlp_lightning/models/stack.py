@@ -43,7 +43,6 @@ class BlockInputs:
     cos: Tensor
     sin: Tensor
     value_embeds: dict[int, Tensor]
-    q_offset: int = 0
     positions: Tensor | None = None
     _ve_stacks: dict = field(default_factory=dict)
 
@@ -217,7 +216,7 @@ def attention_branch(blocks: WideBlocks, xn: Tensor, inputs: BlockInputs) -> Ten
         blocks.cache.write(k, v, inputs.positions)
         y = cached_attention(q, blocks.cache.keys(), blocks.cache.values(), inputs.positions, blocks.windows)
         return _project(y.reshape(g, b, t, -1), blocks.wo)
-    y = causal_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), blocks.windows, inputs.q_offset)
+    y = causal_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), blocks.windows)
     return _project(y.transpose(2, 3).reshape(g, b, t, -1), blocks.wo)
 
 
