@@ -48,6 +48,7 @@ from .corpus import (
 )
 from .errors import PrepareError
 from .tokenizer import BOS_TOKEN, check_vocab_size, load_tokenizer, special_tokens_of, train_tokenizer
+from snlp_lightning.errors import ArgumentParser
 
 MANIFEST_FORMAT = "snlp-tokens/1"
 OUTPUT_ENTRIES = ("manifest.json", "tokenizer.json", "train", "val")  # everything an output folder holds
@@ -379,7 +380,7 @@ def _log(opts: PrepareOptions, message: str) -> None:
 # -- CLI ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     d = PrepareOptions(out="")
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="snlp-prepare",
         description="Train (or reuse) a byte-level BPE tokenizer and write litdata token chunks "
         "(OUT/train, OUT/val) plus OUT/manifest.json, from .txt / .jsonl / .parquet files or the "

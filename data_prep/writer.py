@@ -190,7 +190,7 @@ def write_split(
     previous = multiprocessing.get_start_method(allow_none=True)
     chatter = io.StringIO()  # litdata prints setup / worker lines to stdout; its progress bar is on stderr
     try:
-        with contextlib.redirect_stdout(chatter), _reap_orphans():
+        with contextlib.redirect_stdout(chatter), _reap_orphans(), _ctrl_c_interrupts():
             try:
                 optimize(
                     fn=fn,
@@ -259,6 +259,36 @@ def _root_cause(traceback_text: str, split: str, output_dir: Path) -> Exception:
         reason = os_error_line(OSError(int(os_error[1]), os_error[2], str(folder)))
         return Fault(f"writing the {split} chunks failed in a worker: {reason}")
     return Fault(f"tokenizing {split} failed in a worker: {kind.rsplit('.', 1)[-1]}: {message}")
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Keep Ctrl-C a KeyboardInterrupt during ``optimize``.
+
+    litdata installs a SIGINT handler that ends the process with ``os._exit(0)``: exit code 0, no
+    cleanup, the temporary folder left behind. While the split is written, requests to replace the
+    SIGINT handler are ignored (Python's own, which raises KeyboardInterrupt, stays), so the run ends
+    as ``snlp-prepare: interrupted`` (exit code 130) and removes what it built.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    real = signal.signal
+
+    def signal_except_sigint(signum, handler):
+        if signum == signal.SIGINT:
+            return signal.getsignal(signum)
+        return real(signum, handler)
+
+    before = real(signal.SIGINT, signal.default_int_handler)
+    signal.signal = signal_except_sigint
+    try:
+        yield
+    finally:
+        signal.signal = real
+        real(signal.SIGINT, before)
 
 
 @contextlib.contextmanager

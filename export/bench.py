@@ -38,19 +38,21 @@ from snlp_lightning.errors import (
     run_entry,
 )
 from snlp_lightning.solvers import SolverPlan
+from snlp_lightning.solvers.plan import INITS
 
 from .checkpoint import at_least, at_least_float
 from .compiled import compile_step, compile_steps, example_inputs, no_recompiles, warm_up
 from .decoder import DECODER_METHODS, LayerParallelDecoder
 from .generate import generate_tokens, speculative_tokens
 from .measure import interleaved_ms, quality, time_ms, validation_windows
+from snlp_lightning.errors import ArgumentParser
 
 PROG = "snlp-bench"
 BENCH_FILES = ("bench.md", "bench.json", "speedup_vs_ppl.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Layer-parallel vs sequential: speed and quality.")
+    p = ArgumentParser(prog=PROG, description="Layer-parallel vs sequential: speed and quality.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a .ckpt from snlp fit, or a nanochat checkpoint")
     src.add_argument("--preset", help="random weights of a preset instead (plain, nanochat, mhc, mhc-dynamic)")
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="also measure a grid of plans and pick the fastest within --budget")
     p.add_argument("--sweep-fuse", type=at_least(1), nargs="+", default=[1, 2])
     p.add_argument("--sweep-iters", type=at_least(1), nargs="+", default=[1, 2])
-    p.add_argument("--sweep-inits", nargs="+", default=["h0"])
+    p.add_argument("--sweep-inits", nargs="+", default=["h0"], choices=INITS)
     p.add_argument("--budget", type=at_least_float(0.0), default=0.05, help="sweep: allowed relative PPL increase over sequential")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--no-decode", action="store_true")
@@ -167,13 +169,14 @@ def _windows(data_dir: str, seq_len: int, max_tokens: int, vocab_size: int):
 
 
 def sweep_plans(n_layer: int, mhc: bool, fuses, iters, inits) -> list[SolverPlan]:
-    """IDN (and HCN for mHC) at N in {L/4, L/2, 3L/4} x fusion M x K x init, every combination that fits."""
+    """IDN (and HCN for mHC) at N in {L/4, L/2, 3L/4} x fusion M x K x init, every combination that
+    fits (M divides N, and K <= C = N / M: more iterations than chunks change nothing)."""
     plans = []
     for n in sorted({max(1, n_layer // 4), max(1, n_layer // 2), max(1, 3 * n_layer // 4)}):
         for m in fuses:
             if n % m:
                 continue
-            for k in iters:
+            for k in (k for k in iters if k <= n // m):
                 for init in inits:
                     for method in ("idn", "hcn") if mhc else ("idn",):
                         fusion = f":{n // m}xF{m}" if m > 1 else ""
@@ -195,6 +198,8 @@ def run(args, command: str = "(python API)") -> str:
     lengths = sorted({min(t, cfg.sequence_len) for t in args.lengths})
     if not args.no_decode:
         _check_decode(args, cfg, [p for p in plans if p.method in DECODER_METHODS])
+    elif args.speculative_plan:
+        raise UserError("--speculative-plan drafts in the decode section, which --no-decode skips: drop one of them")
     windows = None
     if args.data_dir and not args.no_quality:
         windows = _windows(args.data_dir, min(cfg.sequence_len, lengths[0]), args.val_tokens, cfg.vocab_size)

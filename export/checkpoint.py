@@ -16,7 +16,7 @@ import torch
 from snlp_lightning.config import ConfigError, ModelConfig
 from snlp_lightning.errors import UserError, path_kind
 from snlp_lightning.models.gpt import GPT
-from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
+from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat, non_finite_entries
 
 MODEL_PREFIX = "model."
 NANOCHAT_HINT = "a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it), or a folder holding one"
@@ -90,6 +90,9 @@ def _load_lightning(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    bad = non_finite_entries(checkpoint["state_dict"])
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN/inf weights ({', '.join(bad)}): use an earlier checkpoint")
     return checkpoint
 
 

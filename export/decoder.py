@@ -102,10 +102,10 @@ class LayerParallelDecoder(nn.Module):
         plan = SolverPlan.parse(plan).validate(cfg)
         if plan.method not in DECODER_METHODS:
             raise DecoderError(f"plan '{plan}' cannot be decoded: the decoder serves methods {', '.join(DECODER_METHODS)}")
-        max_seq_len = max_seq_len or cfg.sequence_len
-        if not 1 <= max_seq_len <= cfg.sequence_len:
+        max_seq_len = cfg.sequence_len if max_seq_len is None else max_seq_len
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= cfg.sequence_len:
             raise DecoderError(f"max_seq_len={max_seq_len} is not allowed: 1..{cfg.sequence_len} (the model's sequence_len)")
-        if batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DecoderError(f"batch_size={batch_size} is not allowed: must be >= 1")
         device = torch.device(device) if device is not None else model.lm_head.weight.device
         dtype = dtype or model.lm_head.weight.dtype

@@ -14,6 +14,7 @@ import time
 from snlp_lightning.errors import Fault, UserError, run_entry
 
 from .checkpoint import at_least
+from snlp_lightning.errors import ArgumentParser
 
 PROG = "snlp-generate"
 # Settings an exported package fixed at export time (snlp-export takes them instead).
@@ -21,7 +22,7 @@ CHECKPOINT_ONLY = ("plan", "dtype", "device", "compile", "speculative", "max_seq
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a .ckpt from snlp fit, or a nanochat checkpoint")
     src.add_argument("--package", help="a folder written by snlp-export (runs without the training code)")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from snlp_lightning.errors import (
-    UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, require_file, run_entry, unexpected_entries,
+    ArgumentParser, UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, require_file, run_entry, unexpected_entries,
 )
 
 from .checkpoint import at_least
@@ -193,7 +193,7 @@ def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Export a checkpoint + plan to an AOTInductor package.")
+    p = ArgumentParser(prog=PROG, description="Export a checkpoint + plan to an AOTInductor package.")
     p.add_argument("--checkpoint", required=True, help="a .ckpt from snlp fit, or a nanochat checkpoint")
     p.add_argument("--plan", default="seq", help="solver plan, e.g. idn:n6:3xF2:K2")
     p.add_argument("--out", required=True, help="output folder (new, or an earlier package with --overwrite)")

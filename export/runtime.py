@@ -22,9 +22,17 @@ class GenerationError(ValueError):
     """A prompt, length or sampling setting that generation cannot serve."""
 
 
+# Below this, logits / temperature overflows float32 and the distribution turns into NaN.
+MIN_TEMPERATURE = 1e-4
+
+
 def check_sampling(temperature: float, top_k: int | None) -> None:
-    if not temperature >= 0.0:
-        raise GenerationError(f"temperature={temperature} is not allowed: must be >= 0 (0 = greedy)")
+    if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise GenerationError(
+            f"temperature={temperature} is not allowed: 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"
+        )
+    if top_k is not None and temperature == 0.0:
+        raise GenerationError(f"top_k={top_k} applies only when sampling: pass a temperature > 0 (0 = greedy ignores it)")
     if top_k is not None and top_k < 1:
         raise GenerationError(f"top_k={top_k} is not allowed: a positive integer or None (all tokens)")
 

@@ -159,8 +159,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line, exit code 2 (this runtime cannot import the project's own parser)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {' '.join(message.split())} (all options: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="generate.py", description="Generate text with an exported SNLP package.")
+    p = _OneLineParser(prog="generate.py", description="Generate text with an exported SNLP package.")
     p.add_argument("package", help="the package folder")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import Fault, atomic_file, clean_stale_temps, os_error_line, path_kind
-from .models.nanochat_io import CheckpointError
+from .models.nanochat_io import CheckpointError, non_finite_entries
 
 
 class NonFiniteWeights(Fault, FloatingPointError):
@@ -28,17 +28,6 @@ class NonFiniteWeights(Fault, FloatingPointError):
 
 def _is_local(path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
-
-
-def non_finite_entries(state: dict[str, Any], limit: int = 3) -> list[str]:
-    """Names of floating-point tensors in ``state`` holding NaN / inf (at most ``limit``)."""
-    bad = []
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad.append(name)
-            if len(bad) == limit:
-                break
-    return bad
 
 
 class _Recording:
@@ -108,6 +97,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as err:  # torch raises several types for truncated / foreign files
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
+        bad = non_finite_entries(checkpoint["state_dict"])
+        if bad:  # never written by this project; resuming or scoring it would fail later, less clearly
+            raise CheckpointError(f"checkpoint {path} holds NaN/inf weights ({', '.join(bad)}): use an earlier checkpoint")
         return checkpoint

@@ -25,9 +25,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .data import TokenDataModule
-from .errors import EXIT_BAD_INPUT, TRACEBACK_ENV, check_writable_parent, path_kind, run_entry
+from .errors import EXIT_BAD_INPUT, TRACEBACK_ENV, check_writable_parent, first_line, path_kind, run_entry
 from .models.nanochat_io import CheckpointError
 from .module import SNLPModule
 from .strategy import BlockFSDPStrategy
@@ -119,6 +119,10 @@ class SNLPCLI(LightningCLI):
                 f"checkpoint {ckpt_path} has no model config (hyper_parameters.config): it was not written by snlp fit; "
                 "a nanochat checkpoint goes in --model.init_from"
             )
+        try:
+            ModelConfig(**saved)
+        except (TypeError, ConfigError) as err:  # TypeError: fields this version does not know
+            raise CheckpointError(f"checkpoint {ckpt_path} has a model config this version cannot use: {first_line(err)}") from None
         given = section.get("model", {}).get("config")
         given = given.as_dict() if hasattr(given, "as_dict") else dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
         changed = [f"{k}={saved[k]!r} (config: {given[k]!r})" for k in saved if k in given and given[k] != saved[k]]
@@ -167,10 +171,42 @@ def run(args: list[str] | None = None) -> SNLPCLI:
     )
 
 
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config FILE`` must be UTF-8 YAML holding a mapping: one line naming the file and the
+    line otherwise (jsonargparse reports a YAML error against "<unicode string>" and a binary file
+    as a traceback)."""
+    import yaml
+
+    paths = [b for a, b in zip(args, args[1:]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in map(Path, paths):
+        if not path.is_file():
+            if path.exists():
+                raise ConfigError(f"--config {path} is {path_kind(path)}, not a YAML file")
+            continue  # jsonargparse: "File does not exist", or an inline YAML string
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path} is not UTF-8 text: give a YAML file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"--config {path}{where}: {getattr(err, 'problem', None) or first_line(err)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path} holds a YAML {type(loaded).__name__}, not a mapping of settings")
+        if loaded is None:
+            raise ConfigError(f"--config {path} is empty: give a YAML file of settings (e.g. configs/quickstart.yaml)")
+
+
+def _run(args: list[str] | None) -> SNLPCLI:
+    check_config_files(list(sys.argv[1:] if args is None else args))
+    return run(args)
+
+
 def main(args: list[str] | None = None) -> None:
     # Lightning's MisconfigurationException is its "bad Trainer setting" error (an accelerator this
     # machine lacks, devices=0, ...): bad input, so one line and exit code 2.
-    run_entry("snlp", run, args, user_errors=(MisconfigurationException,))
+    run_entry("snlp", _run, args, user_errors=(MisconfigurationException,))
 
 
 if __name__ == "__main__":

@@ -90,10 +90,23 @@ class ModelConfig:
         def bad(field: str, allowed: str) -> ConfigError:
             return ConfigError(f"{field}={getattr(self, field)!r} is not allowed: {allowed}")
 
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to"):
+        # Types first: a config read from JSON / YAML may hold "false" (a true string) or 2.5.
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to",
+                     "mhc_num_streams", "mhc_sinkhorn_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, "must be a positive integer")
+        for name in ("no_x0_resid", "no_ve", "smear", "backout", "use_mhc"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        for name in ("rope_base", "logit_softcap", "mhc_sinkhorn_tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise bad(name, "must be a finite number > 0")
+        if not isinstance(self.window_pattern, str):
+            raise bad("window_pattern", "a string of the letters S (short) and L (long), e.g. 'SSSL' or 'L'")
+        if self.short_window is not None and (not isinstance(self.short_window, int) or isinstance(self.short_window, bool)):
+            raise bad("short_window", "must be None or a positive integer")
         if self.n_embd % self.n_head:
             raise bad("n_embd", f"must be a multiple of n_head={self.n_head}")
         if self.head_dim % 2:
@@ -110,12 +123,6 @@ class ModelConfig:
             raise bad("n_embd", "value-embedding gates read 12 channels: need n_embd >= 12 or no_ve=True")
         if self.mhc_variant not in ("static", "dynamic"):
             raise bad("mhc_variant", "one of 'static', 'dynamic'")
-        if self.use_mhc and self.mhc_num_streams < 1:
-            raise bad("mhc_num_streams", "must be >= 1")
-        if self.mhc_sinkhorn_iters < 1:
-            raise bad("mhc_sinkhorn_iters", "must be >= 1")
-        if not self.mhc_sinkhorn_tau > 0:
-            raise bad("mhc_sinkhorn_tau", "must be > 0")
         if self.use_mhc and not self.no_x0_resid:
             # The authors' mHC forces no_x0_resid; a blend on top of stream mixing is not defined.
             raise bad("no_x0_resid", "mHC models have no resid / x0 lambdas: set no_x0_resid=True")

@@ -9,16 +9,15 @@ README.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from . import build_model
-from .errors import run_entry
 from .metrics import compare_logits
 from .models import GPT
 from .solvers import SolverPlan, snlp_solve
+from .errors import ArgumentParser, run_entry
 
 DEFAULT_PLANS = [
     "fixed:n6:K2", "idn:n6:K1", "idn:n6:K2", "damped:n6:K2:kappa=0.5", "diagn:n6:K2",
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(prog="snlp-demo", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="snlp-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="all", choices=["all", "plain", "nanochat", "mhc", "mhc-dynamic"])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--plans", nargs="*", default=None, help="plan strings, e.g. idn:n6:3xF2:K2")

@@ -20,6 +20,7 @@ still runs the package's ``__init__``).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -106,6 +107,14 @@ def quiet_library_noise() -> None:
             log.addFilter(_NoTips())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``PROG: error: ...``, exit code 2), not the usage dump."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {' '.join(message.split())} (all options: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def run_entry(prog: str, fn: Callable[..., Any], *args: Any, user_errors: tuple[type[BaseException], ...] = ()) -> Any:
     """Run ``fn(*args)`` under the error policy above; returns its result (0 if None)."""
     quiet_library_noise()
@@ -136,12 +145,14 @@ def run_entry(prog: str, fn: Callable[..., Any], *args: Any, user_errors: tuple[
 
 # -- paths --------------------------------------------------------------------------------------------
 def path_kind(path: Path) -> str:
-    """'a file' | 'a folder' | 'missing' | 'something else' (a socket, a broken link, ...)."""
+    """'a file' | 'a folder' | 'a broken link' | 'missing' | 'something else' (a socket, a device, ...)."""
     if path.is_file():
         return "a file"
     if path.is_dir():
         return "a folder"
-    if not path.exists() and not path.is_symlink():
+    if path.is_symlink() and not path.exists():
+        return "a broken link"
+    if not path.exists():
         return "missing"
     return "something else"
 
@@ -309,12 +320,19 @@ def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the file should look like any other
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:

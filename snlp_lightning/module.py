@@ -237,6 +237,21 @@ class SNLPModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation -------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint whose weights do not fit its model: one line naming what differs (Lightning's
+        own load would raise a multi-line RuntimeError)."""
+        if self.per_block:  # under FSDP the module's own state dict holds sharded names; the strategy checks
+            return
+        expected, got = self.state_dict(), checkpoint.get("state_dict", {})
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        shapes = [f"{k} {tuple(got[k].shape)} (model: {tuple(v.shape)})" for k, v in expected.items()
+                  if k in got and hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(v.shape)]
+        if missing or unexpected or shapes:
+            parts = [f"{label}: {', '.join(items[:3])}" + (f" ... ({len(items)} in all)" if len(items) > 3 else "")
+                     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
+            raise CheckpointError(f"checkpoint {self.trainer.ckpt_path} does not fit its model config ({'; '.join(parts)})")
+
     def on_validation_start(self):
         # The Trainer knows which checkpoint it restored only now (after setup).
         if self.require_weights and self.trainer.state.fn == "validate" and self.trainer.ckpt_path is None and not self.init_from:

@@ -9,13 +9,13 @@ The table is also written to runs/<name>/validate.md.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
 
-from .cli import run
-from .errors import UserError, atomic_write_text, run_entry
+from .cli import check_config_files, run
 from .module import format_table
+from .errors import ArgumentParser, UserError, atomic_write_text, path_kind, run_entry
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,12 +25,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(prog="snlp-quickstart", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="snlp-quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data/bundled", help="prepared data (made from the bundled corpus if absent)")
     parser.add_argument("--config", default=str(CONFIGS / "quickstart.yaml"))
     args, extra = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
-        raise UserError(f"config {args.config} not found; run from a checkout of snlp-lightning or pass --config")
+        kind = path_kind(Path(args.config))
+        state = "not found" if kind == "missing" else f"is {kind}, not a file"
+        raise UserError(f"--config {args.config} {state}; run from a checkout of snlp-lightning or pass --config")
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is {path_kind(Path(args.data_dir))}, not a folder")
+    check_config_files(["--config", args.config, *extra])
+    sys.argv = sys.argv[:1]  # the arguments go to the two runs below as args (LightningCLI warns otherwise)
     start = time.perf_counter()
     if not (Path(args.data_dir) / "manifest.json").is_file():
         from data_prep import PrepareOptions, prepare

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import signal
 import socket
@@ -267,3 +268,155 @@ def test_empty_or_malformed_tokens_are_clear_errors():
         model(torch.zeros(1, 4))
     with pytest.raises(PlanError, match="K must lie in 1..2"):
         SolverPlan.parse("idn:n2:K3")
+
+
+# -- bad values through the Python API and the smaller commands (found by a bad-input sweep) ------------
+def test_model_config_fields_must_have_their_types():
+    from snlp_lightning import ConfigError
+
+    cases = {
+        "short_window": ("abc", "short_window='abc'"), "window_pattern": (5, "window_pattern=5"),
+        "use_mhc": ("no", "use_mhc='no' is not allowed: must be true or false"), "no_ve": ("false", "no_ve='false'"),
+        "mhc_sinkhorn_iters": (2.5, "mhc_sinkhorn_iters=2.5"), "rope_base": (float("nan"), "rope_base=nan"),
+        "logit_softcap": (0.0, "logit_softcap=0.0"),
+    }
+    for field, (value, fragment) in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            build_model("plain", n_layer=2, n_embd=32, n_head=2, n_kv_head=2, **{field: value})
+
+
+def test_plan_options_of_other_methods_are_refused():
+    for text, fragment in {
+        "idn:n4:K2:kappa=0.3": "kappa applies only to damped", "fixed:n4:K4:probes=2": "probes applies only to diagn",
+        "idn:n4:K2:est=vjp": "est applies only to diagn", "idn:n4:K1:avg": "avg divides fused branch sums",
+        "idn:n4:2xF2:K2:avg:avg": "gives avg twice", "diagn:n4:K1:eps=inf": "eps=inf is not allowed",
+    }.items():
+        with pytest.raises(PlanError, match=re.escape(fragment)):
+            SolverPlan.parse(text)
+    with pytest.raises(PlanError, match="a plan must be a string"):
+        SolverPlan.parse(4)
+    assert str(SolverPlan.parse("seq:n4:2xF2:avg")) == "seq:n4:2xF2:avg"  # avg is no longer dropped when printed
+
+
+def test_tokens_and_decoder_arguments_are_checked():
+    from export import LayerParallelDecoder
+    from export.decoder import DecoderError
+
+    model = build_model("plain", n_layer=2, n_embd=32, n_head=2, n_kv_head=2, vocab_size=64, sequence_len=16)
+    with pytest.raises(TokenRangeError, match="int64 or int32"):
+        model(torch.zeros(1, 4, dtype=torch.uint8))
+    with pytest.raises(TokenRangeError, match="got list"):
+        model([[1, 2, 3]])
+    with pytest.raises(DecoderError, match="max_seq_len=0 is not allowed"):
+        LayerParallelDecoder(model, "seq", batch_size=1, max_seq_len=0)
+    with pytest.raises(DecoderError, match="batch_size=2.5 is not allowed"):
+        LayerParallelDecoder(model, "seq", batch_size=2.5)
+
+
+def test_sampling_settings_that_cannot_sample_are_refused():
+    from export.runtime import GenerationError, check_sampling
+
+    for temperature in (1e-300, float("inf"), float("nan"), -1.0):
+        with pytest.raises(GenerationError, match="temperature="):
+            check_sampling(temperature, None)
+    with pytest.raises(GenerationError, match="top_k=5 applies only when sampling"):
+        check_sampling(0.0, 5)
+    check_sampling(0.7, 5)
+
+
+def test_the_default_sweep_fits_small_models():
+    from export.bench import sweep_plans
+
+    for layers in (2, 4, 8):
+        plans = sweep_plans(layers, False, [1, 2], [1, 2], ["h0"])
+        assert plans and all(p.iters <= p.chunks for p in plans)
+
+
+def test_broken_checkpoints_are_one_line(bundled_data, tmp_path, monkeypatch, capfd):
+    """NaN weights, weights that do not fit their config, a config this version cannot use."""
+    snlp(*fit_args(bundled_data, "src", "--trainer.max_steps", "1", *FAST), cwd=tmp_path)
+    source = torch.load(tmp_path / "runs/src/checkpoints/last.ckpt", weights_only=True)
+    broken = {}
+    nan = {**source, "state_dict": dict(source["state_dict"])}
+    nan["state_dict"]["model.lm_head.weight"] = nan["state_dict"]["model.lm_head.weight"].clone().fill_(float("nan"))
+    broken["nan"] = (nan, "holds NaN/inf weights (model.lm_head.weight)")
+    shape = {**source, "state_dict": dict(source["state_dict"])}
+    shape["state_dict"]["model.lm_head.weight"] = shape["state_dict"]["model.lm_head.weight"][:10]
+    broken["shape"] = (shape, "does not fit its model config (shape: model.lm_head.weight (10, 64)")
+    unknown = {**source, "hyper_parameters": {**source["hyper_parameters"], "config": {**source["hyper_parameters"]["config"], "bogus": 1}}}
+    broken["unknown"] = (unknown, "has a model config this version cannot use")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["snlp"])
+    for name, (state, fragment) in broken.items():
+        torch.save(state, tmp_path / f"{name}.ckpt")
+        done = run_in_process(["validate", "--config", QUICKSTART, "--data.data_dir", str(bundled_data), *TINY_MODEL,
+                               "--trainer.limit_val_batches", "1", "--ckpt_path", f"{name}.ckpt"], capfd)
+        one_line_error(done, 2, f"checkpoint {name}.ckpt", fragment)
+    from snlp_lightning import CheckpointError, load_nanochat
+
+    with pytest.raises(CheckpointError, match=r"holds NaN/inf weights \(transformer.wte.weight\)"):
+        model = build_model("plain", n_layer=2, n_embd=32, n_head=2, n_kv_head=2, vocab_size=64, sequence_len=16)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["transformer.wte.weight"][0, 0] = float("inf")
+        load_nanochat(state, model.config)
+
+
+def test_nanochat_files_that_cannot_be_read_are_one_line(tmp_path):
+    from snlp_lightning import CheckpointError, load_nanochat
+    from snlp_lightning.models.nanochat_io import save_nanochat
+
+    model = build_model("plain", n_layer=2, n_embd=32, n_head=2, n_kv_head=2, vocab_size=64, sequence_len=16)
+    path = save_nanochat(model, tmp_path)
+    meta = tmp_path / "meta_000000.json"
+    good_meta = meta.read_text()
+    for text, fragment in {
+        b"\xff\xfe not utf-8": "is not a nanochat meta file", '{"model_config": [1, 2]}': "must be a mapping",
+        '{"model_config": {"n_embd": 32}}': "lacks sequence_len, vocab_size, n_layer",
+        '{"model_config": ' + good_meta.split('"model_config": ', 1)[1].replace('"no_ve": true', '"no_ve": "false"'): "no_ve='false'",
+    }.items():
+        meta.write_bytes(text) if isinstance(text, bytes) else meta.write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(fragment)):
+            load_nanochat(path)
+    meta.write_text(good_meta)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is corrupt or not a torch file"):
+        load_nanochat(path)
+    lightning_ckpt = tmp_path / "last.ckpt"
+    lightning_ckpt.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="resume it with --ckpt_path"):
+        load_nanochat(lightning_ckpt)
+
+
+def test_config_files_that_are_not_yaml_mappings_are_one_line(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["snlp"])
+    files = {"bin.yaml": (b"\xff\xfe\x00", "is not UTF-8 text"), "bad.yaml": (b"a: b: c\n", "bad.yaml line 1: mapping values"),
+             "empty.yaml": (b"", "is empty"), "list.yaml": (b"- 1\n", "holds a YAML list")}
+    for name, (data, fragment) in files.items():
+        (tmp_path / name).write_bytes(data)
+        one_line_error(run_in_process(["fit", "--config", name], capfd), 2, f"--config {name}", fragment)
+    one_line_error(run_in_process(["fit", "--config", str(tmp_path)], capfd), 2, "is a folder, not a YAML file")
+
+
+def test_argparse_commands_answer_in_one_line(tmp_path):
+    """snlp-generate / -export / -bench / -prepare / -demo: a bad argument is one line, not the usage."""
+    for module, args in {
+        "export.generate_cli": ["--checkpoint", "x", "--prompt", "a", "--max-new-tokens", "0"],
+        "export.package": ["--checkpoint", "x", "--out", "o", "--batch-size", "0"],
+        "export.bench": ["--preset", "plain", "--budget", "x"],
+        "snlp_lightning.demo": ["--layers", "x"],
+    }.items():
+        done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True, env=ONE_THREAD)
+        assert done.returncode == 2 and "usage:" not in done.stderr, (module, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and ": error: argument" in done.stderr, (module, done.stderr)
+
+
+def test_written_files_are_as_readable_as_any_other(tmp_path):
+    from snlp_lightning.errors import atomic_write_text, path_kind
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert path_kind(tmp_path / "dangling") == "a broken link"

@@ -447,3 +447,27 @@ def test_snlp_fit_on_a_data_dir_that_is_a_file_fails_before_the_trainer(bundled_
     done = _fit(target, tmp_path)
     assert_one_line(done, "snlp", 2, f"data_dir {target} is a file, not a folder")
     assert "GPU available" not in done.stdout + done.stderr  # the Trainer never started
+
+
+def test_ctrl_c_while_tokenizing_is_interrupted_and_leaves_nothing(tmp_path):
+    """SIGINT while litdata writes the chunks: litdata's own handler would exit 0 with nothing written
+    and the temporary folder left; the command ends 'interrupted' (exit code 130) and removes it."""
+    out = tmp_path / "data"
+    cmd = [*PREPARE, "--bundled", "--out", str(out), "--vocab-size", "512", "--quiet", "--start-method", "fork", "--workers", "1"]
+    p = subprocess.Popen(cmd, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and p.poll() is None:
+            temps = [e for e in tmp_path.iterdir() if TEMP_RE.match(e.name)]
+            if temps and (temps[0] / "train").exists():  # litdata is writing the train chunks
+                break
+            time.sleep(0.01)
+        assert p.poll() is None, "snlp-prepare ended before it could be interrupted"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "snlp-prepare: interrupted"
+    assert sorted(e.name for e in tmp_path.iterdir()) == []  # no output, no temporary

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from snlp_lightning.checkpoint_io import AtomicCheckpointIO

@@ -37,6 +37,7 @@ from ..config import make_config
 from ..module import SNLPModule
 from ..optim import OptimConfig, build_optimizer
 from ..regularizer import RegularizerConfig
+from snlp_lightning.errors import ArgumentParser
 
 LAMBDA = 0.5
 STRIDE = 2
@@ -183,7 +184,7 @@ def header(args: argparse.Namespace, preset: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m snlp_lightning.benchmarks.regularizer_overhead", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m snlp_lightning.benchmarks.regularizer_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", nargs="+", choices=["plain", "mhc"], default=["plain", "mhc"], help="model families (default: both)")
     p.add_argument("--depth", type=int, default=8, help="L (quickstart: 8)")
     p.add_argument("--width", type=int, default=128, help="n_embd (quickstart: 128)")

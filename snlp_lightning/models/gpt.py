@@ -103,10 +103,12 @@ class GPT(nn.Module):
         embedding smear mixes into rows whose position is > 0.
         """
         cfg = self.config
+        if not isinstance(idx, Tensor):
+            raise TokenRangeError(f"tokens must be an integer tensor of shape (batch, time), got {type(idx).__name__}")
         if idx.dim() != 2 or idx.size(0) < 1 or idx.size(1) < 1:
             raise TokenRangeError(f"tokens must have shape (batch, time) with batch, time >= 1, got {tuple(idx.shape)}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise TokenRangeError(f"tokens must be an integer tensor, got {idx.dtype}")
+        if idx.dtype not in (torch.int64, torch.int32):  # what the embedding takes
+            raise TokenRangeError(f"tokens must be an integer tensor (int64 or int32), got {idx.dtype}")
         t = idx.size(1)
         if positions is None and t > cfg.sequence_len:
             raise TokenRangeError(f"sequence of {t} tokens exceeds sequence_len={cfg.sequence_len}")

@@ -56,7 +56,9 @@ class SolverPlan:
     def parse(cls, text: "str | SolverPlan") -> "SolverPlan":
         if isinstance(text, SolverPlan):
             return text
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise PlanError(f"a plan must be a string such as 'idn:n4:K2', got {type(text).__name__} {text!r}")
+        if not text.strip():
             raise PlanError(f"empty plan {text!r}; expected {NOTATION}")
         raw = text.strip()
         parts = raw.split(":")
@@ -90,6 +92,7 @@ class SolverPlan:
                 once("init", token)
                 fields["init"] = token
             elif token == "avg":
+                once("avg", token)
                 fields["average_branches"] = True
             elif m := re.fullmatch(r"(kappa|probes|eps|est)=(.+)", token):
                 once(m[1], token)
@@ -115,6 +118,12 @@ class SolverPlan:
             for key, example in (("n", "n8"), ("K", "K2")):
                 if key not in seen:
                     raise PlanError(f"plan {raw!r} lacks {key} (e.g. {example}); expected {NOTATION}")
+        # Options of other methods would be ignored without a word: refuse them.
+        for option, methods in (("kappa", ("damped",)), ("probes", ("diagn",)), ("eps", ("diagn",)), ("est", ("diagn",))):
+            if option in seen and method not in methods:
+                raise PlanError(f"plan {raw!r}: option {option} applies only to {' / '.join(methods)} plans, not {method}")
+        if "avg" in seen and fields.get("fuse", 1) == 1:
+            raise PlanError(f"plan {raw!r}: avg divides fused branch sums by M, so it needs fused chunks (CxFM with M > 1)")
         if "n" in seen and "chunks" not in fields:
             fuse = fields.get("fuse", 1)
             if fuse < 1 or fields["n_par"] % fuse:
@@ -124,7 +133,9 @@ class SolverPlan:
 
     def __str__(self) -> str:
         if self.method == "seq":
-            return "seq" if self.n_par == 0 else f"seq:n{self.n_par}:{self.chunks}xF{self.fuse}"
+            if self.n_par == 0:
+                return "seq"
+            return f"seq:n{self.n_par}:{self.chunks}xF{self.fuse}" + (":avg" if self.average_branches else "")
         parts = [self.method, f"n{self.n_par}"]
         if self.fuse != 1:
             parts.append(f"{self.chunks}xF{self.fuse}")
@@ -165,8 +176,8 @@ class SolverPlan:
             raise PlanError(f"kappa={self.kappa} is not allowed: damping must lie in [0, 1]")
         if self.probes < 1:
             raise PlanError(f"probes={self.probes} is not allowed: DiagN needs at least 1 probe")
-        if not self.eps > 0:
-            raise PlanError(f"eps={self.eps} is not allowed: the finite-difference step must be > 0")
+        if not 0 < self.eps < float("inf"):
+            raise PlanError(f"eps={self.eps} is not allowed: the finite-difference step must be a finite number > 0")
         if self.estimator not in ESTIMATORS:
             raise PlanError(f"est={self.estimator!r} is not allowed: one of {', '.join(ESTIMATORS)}")
         return self
