@@ -106,6 +106,10 @@ def validate(opts: PrepareOptions) -> None:
         raise PrepareError(f"--tokenizer-max-chars {opts.tokenizer_max_chars} must be at least 1")
     if opts.tokenizer is None:
         check_vocab_size(opts.vocab_size)
+        if opts.bos_token != BOS_TOKEN:
+            raise PrepareError(
+                f"--bos-token {opts.bos_token!r} needs --tokenizer: a trained tokenizer's BOS is always {BOS_TOKEN}"
+            )
     parse_bytes(opts.chunk_bytes)
     check_out(opts)
 

@@ -9,6 +9,7 @@ adds one token per row.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -85,8 +86,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], rows: int, room: int, max_seq_
 
     Unused cache rows repeat the last prompt. ``room`` positions must remain after every prompt.
     """
+    if isinstance(prompts, Tensor) or not isinstance(prompts, Sequence):
+        raise GenerationError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token (e.g. the tokenizer's <|bos|>)")
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for p in prompts for t in p):
+        raise GenerationError("prompt token ids must be integers (a float id would be truncated without a word)")
     if len(prompts) > rows:
         raise GenerationError(f"{len(prompts)} prompts do not fit a KV cache of {rows} rows: pass at most {rows}")
     longest = max(len(p) for p in prompts)

@@ -72,11 +72,17 @@ def _main(argv: list[str] | None) -> None:
     parser = ArgumentParser(prog="snlp-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="all", choices=["all", "plain", "nanochat", "mhc", "mhc-dynamic"])
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--plans", nargs="*", default=None, help="plan strings, e.g. idn:n6:3xF2:K2")
+    parser.add_argument("--plans", nargs="+", default=None, help="plan strings, e.g. idn:n6:3xF2:K2 (hcn plans run on mHC presets)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.layers < 1:
         parser.error(f"--layers {args.layers} is not allowed: must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed {args.seed} is not allowed: an integer in 0 .. 2**63 - 1")
+    if args.plans and args.preset in ("plain", "nanochat") and any(SolverPlan.parse(p).method == "hcn" for p in args.plans):
+        parser.error(f"hcn plans need an mHC model: use --preset mhc, mhc-dynamic or all (--preset {args.preset} has none)")
+    if args.plans is None and args.layers < 6:
+        parser.error(f"--layers {args.layers}: the default plans solve N = 6 blocks, so they need --layers >= 6; or pass --plans")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     presets = ["plain", "nanochat", "mhc", "mhc-dynamic"] if args.preset == "all" else [args.preset]
     for preset in presets:

@@ -420,3 +420,25 @@ def test_written_files_are_as_readable_as_any_other(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     assert path_kind(tmp_path / "dangling") == "a broken link"
+
+
+def test_settings_that_would_be_ignored_or_truncated_are_refused(tmp_path):
+    from data_prep import PrepareOptions, prepare
+    from data_prep.errors import PrepareError
+    from export import LayerParallelDecoder, generate_tokens
+    from export.runtime import GenerationError
+
+    with pytest.raises(PrepareError, match="--bos-token '<s>' needs --tokenizer"):
+        prepare(PrepareOptions(out=str(tmp_path / "out"), bundled=True, bos_token="<s>", progress=False))
+    assert not (tmp_path / "out").exists()
+    model = build_model("plain", n_layer=2, n_embd=32, n_head=2, n_kv_head=2, vocab_size=64, sequence_len=16)
+    decoder = LayerParallelDecoder(model, "seq", batch_size=1)
+    with pytest.raises(GenerationError, match="must be integers"):
+        generate_tokens(decoder, [[0, 1.5]], 2)
+    with pytest.raises(GenerationError, match="list of token-id lists"):
+        generate_tokens(decoder, torch.tensor([[0, 1]]), 2)
+    for args, fragment in {("--preset", "plain", "--plans", "hcn:n2:K1"): "hcn plans need an mHC model",
+                           ("--layers", "4"): "the default plans solve N = 6 blocks"}.items():
+        done = subprocess.run([sys.executable, "-m", "snlp_lightning.demo", *args], cwd=tmp_path, capture_output=True,
+                              text=True, env=ONE_THREAD)
+        assert done.returncode == 2 and fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
