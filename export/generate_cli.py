@@ -65,21 +65,10 @@ def _run(args) -> int:
 
 
 def _run_package(args) -> int:
-    import torch
+    from .standalone import generate_text
 
-    from .runtime import check_tokenizer_size
-    from .standalone import load_package
-    from .text import Streamer, TextCodec
-
-    package = load_package(args.package)
-    codec = TextCodec(args.tokenizer or package.tokenizer_path or "")
-    limit = check_tokenizer_size(codec.size, package.vocab_size, codec)
-    prompts = [codec.encode(p) for p in args.prompt]
-    start = time.perf_counter()
-    with torch.inference_mode():
-        new = package.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               seed=args.seed, on_tokens=Streamer(codec), vocab_limit=limit)
-    return _report(codec, args.prompt, new, time.perf_counter() - start)
+    codec, new, seconds, _ = generate_text(args)
+    return _report(codec, args.prompt, new, seconds)
 
 
 def _run_checkpoint(args) -> int:

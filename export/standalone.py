@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _generate(args) -> int:
+def generate_text(args) -> tuple:
+    """Prompts in ``args`` (package, tokenizer, prompt, max_new_tokens, temperature, top_k, seed) ->
+    (codec, new token ids per prompt, seconds, plan), row 0 streamed to stdout; shared with snlp-generate."""
     from .text import Streamer, TextCodec
 
     package = load_package(args.package)
@@ -209,10 +211,15 @@ def _generate(args) -> int:
     with torch.inference_mode():
         new = package.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                seed=args.seed, on_tokens=Streamer(codec), vocab_limit=limit)
+    return codec, new, time.perf_counter() - start, package.manifest["plan"]
+
+
+def _generate(args) -> int:
+    codec, new, seconds, plan = generate_text(args)
     print()
     if args.print_tokens:
         for tokens in new:
             print(" ".join(map(str, tokens)))
     total = sum(len(t) for t in new)
-    print(f"[{total} tokens in {time.perf_counter() - start:.2f} s, plan {package.manifest['plan']}]", file=sys.stderr)
+    print(f"[{total} tokens in {seconds:.2f} s, plan {plan}]", file=sys.stderr)
     return 0
