@@ -63,7 +63,7 @@ def validation_windows(data_dir: str | Path, seq_len: int, max_tokens: int) -> T
     from litdata import StreamingDataset
     from litdata.streaming.item_loader import TokensLoader
 
-    from snlp_lightning.data import DataError, data_uri, read_manifest, read_split_index, require_windows
+    from snlp_lightning.prepared import DataError, data_uri, read_manifest, read_split_index, require_windows
 
     data_dir = str(data_dir)
     read_manifest(data_dir)

@@ -97,7 +97,7 @@ def earlier(tmp_path_factory) -> Path:
 
 
 def test_manifest_format_is_one_constant():
-    from snlp_lightning.data import MANIFEST_FORMAT as DATA_MANIFEST_FORMAT
+    from snlp_lightning.prepared import MANIFEST_FORMAT as DATA_MANIFEST_FORMAT
 
     assert DATA_MANIFEST_FORMAT == MANIFEST_FORMAT
 
