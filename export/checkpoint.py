@@ -7,16 +7,14 @@ and the settings every export command parses the same way (dtype, device, counts
 from __future__ import annotations
 
 import argparse
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
-from snlp_lightning.config import ConfigError, ModelConfig
+from snlp_lightning.checkpoint_io import AtomicCheckpointIO, model_config
 from snlp_lightning.errors import UserError, path_kind
 from snlp_lightning.models.gpt import GPT
-from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat, non_finite_entries
+from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
 
 MODEL_PREFIX = "model."
 NANOCHAT_HINT = "a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it), or a folder holding one"
@@ -54,15 +52,8 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     path = check_checkpoint_path(path)
     if path.suffix != ".ckpt" or path.is_dir():
         return load_nanochat(path).eval(), _tokenizer_near(path)
-    checkpoint = _load_lightning(path)
-    hyper = checkpoint.get("hyper_parameters")
-    fields = hyper.get("config") if isinstance(hyper, dict) else None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"checkpoint {path} has no model config in its hyper_parameters (was it written by snlp fit?)")
-    try:
-        model = GPT(ModelConfig(**fields))
-    except (TypeError, ConfigError) as err:  # a field this version does not know, or a bad value
-        raise CheckpointError(f"checkpoint {path} has a model config this version cannot use ({str(err).splitlines()[0]})") from None
+    checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
+    model = GPT(model_config(checkpoint, path))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -74,26 +65,6 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     data_dir = data.get("data_dir") if isinstance(data, dict) else None
     tokenizer = Path(data_dir) / "tokenizer.json" if isinstance(data_dir, str) and data_dir else None
     return model.eval(), tokenizer if tokenizer is not None and tokenizer.is_file() else None
-
-
-def _load_lightning(path: Path) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if zipfile.is_zipfile(path) and "weights only" in str(err).lower():
-            raise CheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors, numbers, strings, lists and dicts, "
-                "which are not loaded (weights_only): was it written by snlp fit?"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
-    except Exception as err:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
-    bad = non_finite_entries(checkpoint["state_dict"])
-    if bad:
-        raise CheckpointError(f"checkpoint {path} holds NaN/inf weights ({', '.join(bad)}): use an earlier checkpoint")
-    return checkpoint
 
 
 def _tokenizer_near(path: Path) -> Path | None:

@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .errors import Fault, atomic_file, clean_stale_temps, os_error_line, path_kind
+from .config import ConfigError, ModelConfig
+from .errors import Fault, atomic_file, clean_stale_temps, first_line, os_error_line, path_kind
 from .models.nanochat_io import CheckpointError, non_finite_entries
 
 
@@ -95,6 +97,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except CheckpointError:
             raise
+        except pickle.UnpicklingError as err:
+            if weights_only and "weights only" in str(err).lower():  # an intact file holding other objects
+                raise CheckpointError(
+                    f"checkpoint {path} holds Python objects other than tensors, numbers, strings, lists and dicts, "
+                    "which are not loaded (weights_only): was it written by snlp fit?"
+                ) from None
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
         except Exception as err:  # torch raises several types for truncated / foreign files
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: torch.load failed with {type(err).__name__}") from None
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -103,3 +112,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad:  # never written by this project; resuming or scoring it would fail later, less clearly
             raise CheckpointError(f"checkpoint {path} holds NaN/inf weights ({', '.join(bad)}): use an earlier checkpoint")
         return checkpoint
+
+
+def model_config(checkpoint: dict[str, Any], path) -> ModelConfig:
+    """The model config a checkpoint of ``snlp fit`` was trained with (``hyper_parameters.config``);
+    a CheckpointError naming ``path`` when it is missing or this version cannot use it."""
+    hyper = checkpoint.get("hyper_parameters")
+    fields = hyper.get("config") if isinstance(hyper, dict) else None
+    if not isinstance(fields, dict):
+        raise CheckpointError(
+            f"checkpoint {path} has no model config (hyper_parameters.config): it was not written by snlp fit "
+            "(a nanochat checkpoint goes in --model.init_from)"
+        )
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ConfigError) as err:  # TypeError: fields this version does not know
+        raise CheckpointError(f"checkpoint {path} has a model config this version cannot use: {first_line(err)}") from None

@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .checkpoint_io import AtomicCheckpointIO
-from .config import ConfigError, ModelConfig
+from .checkpoint_io import AtomicCheckpointIO, model_config
+from .config import ConfigError
 from .data import TokenDataModule
 from .errors import EXIT_BAD_INPUT, TRACEBACK_ENV, check_writable_parent, first_line, path_kind, run_entry
 from .models.nanochat_io import CheckpointError
@@ -113,16 +113,7 @@ class SNLPCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-        saved = checkpoint.get("hyper_parameters", {}).get("config")
-        if not isinstance(saved, dict):
-            raise CheckpointError(
-                f"checkpoint {ckpt_path} has no model config (hyper_parameters.config): it was not written by snlp fit; "
-                "a nanochat checkpoint goes in --model.init_from"
-            )
-        try:
-            ModelConfig(**saved)
-        except (TypeError, ConfigError) as err:  # TypeError: fields this version does not know
-            raise CheckpointError(f"checkpoint {ckpt_path} has a model config this version cannot use: {first_line(err)}") from None
+        saved = dataclasses.asdict(model_config(checkpoint, ckpt_path))
         given = section.get("model", {}).get("config")
         given = given.as_dict() if hasattr(given, "as_dict") else dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
         changed = [f"{k}={saved[k]!r} (config: {given[k]!r})" for k in saved if k in given and given[k] != saved[k]]
