@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except CheckpointError:
             raise
         except pickle.UnpicklingError as err:
-            if weights_only and "weights only" in str(err).lower():  # an intact file holding other objects
+            # an intact (zip) file holding other objects; a damaged file also fails the weights-only unpickler
+            intact = _is_local(path) and zipfile.is_zipfile(str(path).removeprefix("file://"))
+            if weights_only and intact and "weights only" in str(err).lower():
                 raise CheckpointError(
                     f"checkpoint {path} holds Python objects other than tensors, numbers, strings, lists and dicts, "
                     "which are not loaded (weights_only): was it written by snlp fit?"
