@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snlp_lightning.errors import (
-    Fault, UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, os_error_line, run_entry,
-    unexpected_entries,
+    Fault, UserError, check_output_dir, clean_stale_temps, earlier_output_problem, install_dir, make_temp_dir, os_error_line,
+    run_entry,
 )
 
 from .corpus import (
@@ -126,20 +126,7 @@ def check_out(opts: PrepareOptions) -> Path:
 
 def not_an_output(folder: Path) -> str | None:
     """None when ``folder`` is an earlier snlp-prepare output; else why not (for the --out error)."""
-    extra = [f"{name}/" if (folder / name).is_dir() else name for name in unexpected_entries(folder, OUTPUT_ENTRIES)]
-    holds = f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}"
-    manifest = folder / "manifest.json"
-    fmt = None
-    if manifest.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(manifest.read_bytes())
-            fmt = data.get("format") if isinstance(data, dict) else None
-    if fmt != MANIFEST_FORMAT:
-        what = "no manifest.json" if not manifest.is_file() else f"a manifest.json without format {MANIFEST_FORMAT!r}"
-        return f"it has {what}" + (f" and holds {holds}" if extra else "")
-    if extra:
-        return f"it holds {holds} besides manifest.json, tokenizer.json, train/, val/"
-    return None
+    return earlier_output_problem(folder, MANIFEST_FORMAT, OUTPUT_ENTRIES)
 
 
 # -- the scan -----------------------------------------------------------------------------------------

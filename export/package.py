@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from snlp_lightning.errors import (
-    ArgumentParser, UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, require_file, run_entry, unexpected_entries,
+    ArgumentParser, UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, require_file, run_entry, earlier_output_problem,
 )
 
 from .checkpoint import at_least
@@ -79,20 +79,7 @@ def _compile_entry(decoder: LayerParallelDecoder, entry: str, tokens: int, dynam
 def package_problem(folder: Path) -> str | None:
     """None when ``folder`` is an earlier snlp-export package (a manifest of this format and nothing but
     a package's own entries); else why it is not (``--overwrite`` replaces only packages)."""
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        return "it has no manifest.json"
-    try:
-        found = json.loads(manifest_path.read_text(encoding="utf-8")).get("format")
-    except (ValueError, AttributeError, OSError):
-        return "its manifest.json is not an snlp-export manifest"
-    if found != FORMAT:
-        return f"its manifest.json has format {found!r}, not {FORMAT!r}"
-    extra = unexpected_entries(folder, PACKAGE_ENTRIES)
-    if extra:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        return f"it also holds {shown}"
-    return None
+    return earlier_output_problem(folder, FORMAT, PACKAGE_ENTRIES)
 
 
 def check_package_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:

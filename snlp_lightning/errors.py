@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -240,6 +241,24 @@ def unexpected_entries(folder: Path, allowed: Iterable[str]) -> list[str]:
     """Names in ``folder`` that a command's output never holds (its own temporaries excepted)."""
     allowed = set(allowed)
     return sorted(e.name for e in folder.iterdir() if e.name not in allowed and not TEMP_RE.match(e.name))
+
+
+def earlier_output_problem(folder: Path, manifest_format: str, entries: Iterable[str]) -> str | None:
+    """None when ``folder`` is an earlier output of a command (its manifest.json has ``manifest_format``
+    and it holds nothing but ``entries``); else why not, naming what else it holds. The
+    ``is_own_output`` of ``check_output_dir`` for snlp-prepare and snlp-export."""
+    extra = [f"{name}/" if (folder / name).is_dir() else name for name in unexpected_entries(folder, entries)]
+    holds = ", ".join(extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
+    manifest = folder / "manifest.json"
+    found = None
+    if manifest.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(manifest.read_bytes())
+            found = data.get("format") if isinstance(data, dict) else None
+    if found != manifest_format:
+        why = "it has no manifest.json" if not manifest.is_file() else f"its manifest.json has format {found!r}, not {manifest_format!r}"
+        return why + (f" and holds {holds}" if extra else "")
+    return f"it also holds {holds}" if extra else None
 
 
 # -- temporaries and atomic writes --------------------------------------------------------------------
