@@ -34,18 +34,16 @@ from pathlib import Path
 import torch
 
 from snlp_lightning.errors import (
-    Fault, UserError, atomic_file, atomic_write_text, check_writable_parent, clean_stale_temps, path_kind, require_dir,
+    ArgumentParser, Fault, UserError, at_least, atomic_file, atomic_write_text, check_writable_parent, clean_stale_temps, path_kind, require_dir,
     run_entry,
 )
 from snlp_lightning.solvers import SolverPlan
 from snlp_lightning.solvers.plan import INITS
 
-from .checkpoint import at_least, at_least_float
 from .compiled import compile_step, compile_steps, example_inputs, no_recompiles, warm_up
 from .decoder import DECODER_METHODS, LayerParallelDecoder
 from .generate import generate_tokens, speculative_tokens
 from .measure import interleaved_ms, quality, time_ms, validation_windows
-from snlp_lightning.errors import ArgumentParser
 
 PROG = "snlp-bench"
 BENCH_FILES = ("bench.md", "bench.json", "speedup_vs_ppl.png")
@@ -76,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-fuse", type=at_least(1), nargs="+", default=[1, 2])
     p.add_argument("--sweep-iters", type=at_least(1), nargs="+", default=[1, 2])
     p.add_argument("--sweep-inits", nargs="+", default=["h0"], choices=INITS)
-    p.add_argument("--budget", type=at_least_float(0.0), default=0.05, help="sweep: allowed relative PPL increase over sequential")
+    p.add_argument("--budget", type=at_least(0.0, float), default=0.05, help="sweep: allowed relative PPL increase over sequential")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--no-decode", action="store_true")
     return p

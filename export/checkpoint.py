@@ -1,12 +1,11 @@
 """Load a trained model for export: a Lightning checkpoint of ``snlp fit`` or a nanochat checkpoint,
-and the settings every export command parses the same way (dtype, device, counts).
+and the settings every export command parses the same way (dtype, device).
 
     model, tokenizer_path = load_model("runs/quickstart/checkpoints/last.ckpt")
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -105,35 +104,3 @@ def parse_device(name: str) -> torch.device:
     if device.index is not None and device.index >= count:
         raise UserError(f"--device {name!r} is not available: this machine has {count} {device.type} device(s), 0..{count - 1}")
     return device
-
-
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (counts and lengths), with a message naming the value."""
-
-    def count(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= {minimum}")
-        return value
-
-    count.__name__ = f"integer >= {minimum}"
-    return count
-
-
-def at_least_float(minimum: float):
-    """An argparse type: a number >= ``minimum``."""
-
-    def number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= minimum:  # NaN too
-            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= {minimum}")
-        return value
-
-    number.__name__ = f"number >= {minimum}"
-    return number

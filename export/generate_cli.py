@@ -11,10 +11,7 @@ import argparse
 import sys
 import time
 
-from snlp_lightning.errors import Fault, UserError, run_entry
-
-from .checkpoint import at_least
-from snlp_lightning.errors import ArgumentParser
+from snlp_lightning.errors import ArgumentParser, Fault, UserError, at_least, run_entry
 
 PROG = "snlp-generate"
 # Settings an exported package fixed at export time (snlp-export takes them instead).

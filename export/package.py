@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from snlp_lightning.errors import (
-    ArgumentParser, UserError, check_output_dir, clean_stale_temps, install_dir, make_temp_dir, require_file, run_entry, earlier_output_problem,
+    ArgumentParser, UserError, at_least, check_output_dir, clean_stale_temps, earlier_output_problem, install_dir, make_temp_dir,
+    require_file, run_entry,
 )
 
-from .checkpoint import at_least
 from .decoder import LayerParallelDecoder, example_inputs
 
 PROG = "snlp-export"

@@ -17,7 +17,7 @@ from . import build_model
 from .metrics import compare_logits
 from .models import GPT
 from .solvers import SolverPlan, snlp_solve
-from .errors import ArgumentParser, run_entry
+from .errors import ArgumentParser, at_least, run_entry
 
 DEFAULT_PLANS = [
     "fixed:n6:K2", "idn:n6:K1", "idn:n6:K2", "damped:n6:K2:kappa=0.5", "diagn:n6:K2",
@@ -71,12 +71,10 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     parser = ArgumentParser(prog="snlp-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="all", choices=["all", "plain", "nanochat", "mhc", "mhc-dynamic"])
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=at_least(1), default=8)
     parser.add_argument("--plans", nargs="+", default=None, help="plan strings, e.g. idn:n6:3xF2:K2 (hcn plans run on mHC presets)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.layers < 1:
-        parser.error(f"--layers {args.layers} is not allowed: must be >= 1")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed {args.seed} is not allowed: an integer in 0 .. 2**63 - 1")
     if args.plans and args.preset in ("plain", "nanochat") and any(SolverPlan.parse(p).method == "hcn" for p in args.plans):

@@ -116,6 +116,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def at_least(minimum: int | float, number: type = int):
+    """An argparse type: a ``number`` (int or float) >= ``minimum``, with a message naming the value."""
+    noun = "an integer" if number is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not value >= minimum:  # NaN too
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= {minimum}")
+        return value
+
+    parse.__name__ = f"{noun} >= {minimum}"
+    return parse
+
+
 def run_entry(prog: str, fn: Callable[..., Any], *args: Any, user_errors: tuple[type[BaseException], ...] = ()) -> Any:
     """Run ``fn(*args)`` under the error policy above; returns its result (0 if None)."""
     quiet_library_noise()
@@ -158,30 +175,28 @@ def path_kind(path: Path) -> str:
     return "something else"
 
 
-def require_file(path: str | Path, what: str, hint: str = "") -> Path:
-    """``path`` must be a readable file; else a UserError saying what it is instead."""
+def _require(path: str | Path, what: str, hint: str, want: str) -> Path:
     p = Path(path).expanduser()
     kind = path_kind(p)
     tail = f"; {hint}" if hint else ""
     if kind == "missing":
         raise UserError(f"{what} {p} does not exist{tail}")
-    if kind != "a file":
-        raise UserError(f"{what} {p} is {kind}, not a file{tail}")
+    if kind != want:
+        raise UserError(f"{what} {p} is {kind}, not {want}{tail}")
+    return p
+
+
+def require_file(path: str | Path, what: str, hint: str = "") -> Path:
+    """``path`` must be a readable file; else a UserError saying what it is instead."""
+    p = _require(path, what, hint, "a file")
     if not os.access(p, os.R_OK):
-        raise UserError(f"{what} {p} is not readable (permission denied){tail}")
+        raise UserError(f"{what} {p} is not readable (permission denied)" + (f"; {hint}" if hint else ""))
     return p
 
 
 def require_dir(path: str | Path, what: str, hint: str = "") -> Path:
     """``path`` must be an existing folder; else a UserError saying what it is instead."""
-    p = Path(path).expanduser()
-    kind = path_kind(p)
-    tail = f"; {hint}" if hint else ""
-    if kind == "missing":
-        raise UserError(f"{what} {p} does not exist{tail}")
-    if kind != "a folder":
-        raise UserError(f"{what} {p} is {kind}, not a folder{tail}")
-    return p
+    return _require(path, what, hint, "a folder")
 
 
 def check_writable_parent(path: Path, what: str) -> None:
