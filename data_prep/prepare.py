@@ -1,8 +1,9 @@
-"""``snlp-prepare``: text files (or the bundled corpus) -> tokenizer + litdata token chunks + manifest.
+"""``snlp prepare`` (alias ``snlp-prepare``): text files (or the bundled corpus) -> tokenizer + litdata
+token chunks + manifest.
 
-    snlp-prepare --bundled --out data/bundled                        # offline quickstart corpus
-    snlp-prepare data/fineweb-edu/ --out data/fwe --vocab-size 32768  # folders are searched recursively
-    snlp-prepare more.jsonl --tokenizer data/fwe/tokenizer.json --out data/more
+    snlp prepare --bundled --out data/bundled                        # offline quickstart corpus
+    snlp prepare data/fineweb-edu/ --out data/fwe --vocab-size 32768  # folders are searched recursively
+    snlp prepare more.jsonl --tokenizer data/fwe/tokenizer.json --out data/more
 
 Output (built in a temp folder beside OUT and renamed at the end; removed on any error, and a
 killed run's leftover is removed by the next run writing beside OUT):
@@ -13,7 +14,7 @@ killed run's leftover is removed by the next run writing beside OUT):
 
 Passes over the input: (1) sha256 of every file; (2) one read that checks every record, counts
 documents, decides the split and feeds the tokenizer trainer; (3, 4) tokenizing workers, one pass
-per split. Bad input stops with one line ``snlp-prepare: error: ...`` and exit code 2; a fault
+per split. Bad input stops with one line ``snlp prepare: error: ...`` and exit code 2; a fault
 (full disk, a failed worker) with one line and exit code 1.
 
 ``--overwrite`` replaces OUT only when it is an earlier snlp-prepare output (its manifest.json says
@@ -55,6 +56,7 @@ OUTPUT_ENTRIES = ("manifest.json", "tokenizer.json", "train", "val")  # everythi
 SHARD_BYTES = 32 << 20  # target input bytes per tokenizing work item
 BUNDLED_NAME = ".bundled.jsonl"
 START_METHODS = ("spawn", "fork")
+PROG = "snlp-prepare"  # the alias's name; ``snlp prepare`` passes its own
 
 
 @dataclass
@@ -369,10 +371,10 @@ def _log(opts: PrepareOptions, message: str) -> None:
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     d = PrepareOptions(out="")
     p = ArgumentParser(
-        prog="snlp-prepare",
+        prog=prog,
         description="Train (or reuse) a byte-level BPE tokenizer and write litdata token chunks "
         "(OUT/train, OUT/val) plus OUT/manifest.json, from .txt / .jsonl / .parquet files or the "
         "bundled offline corpus.",
@@ -404,16 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> None:
+    """The command (``prog`` names it in --help and error lines: ``snlp prepare`` under ``snlp``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     opts = PrepareOptions(
         out=args.out, inputs=args.inputs, bundled=args.bundled, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         bos_token=args.bos_token, text_field=args.text_field, txt_split=args.txt_split, val_fraction=args.val_fraction,
         workers=args.workers, chunk_bytes=args.chunk_bytes, tokenizer_max_chars=args.tokenizer_max_chars,
         overwrite=args.overwrite, progress=not args.quiet, start_method=args.start_method,
     )
-    run_entry("snlp-prepare", _run, opts, argv)
+    run_entry(prog, _run, opts, argv)
 
 
 def _run(opts: PrepareOptions, argv: list[str]) -> None:

@@ -1,9 +1,9 @@
-"""``snlp-bench``: layer-parallel vs sequential, side by side in one process.
+"""``snlp bench`` (alias ``snlp-bench``): layer-parallel vs sequential, side by side in one process.
 
-    snlp-bench --checkpoint runs/quickstart/checkpoints/last.ckpt --data-dir data/bundled \\
+    snlp bench --checkpoint runs/quickstart/checkpoints/last.ckpt --data-dir data/bundled \\
         --plans idn:n4:K1 idn:n6:K2 idn:n6:3xF2:K1 --out bench/quickstart
-    snlp-bench --preset plain --size 0.5b --device cuda --dtype bfloat16 --plans idn:n24:4xF6:K2 --no-quality
-    snlp-bench --checkpoint ... --data-dir ... --sweep --budget 0.05
+    snlp bench --preset plain --size 0.5b --device cuda --dtype bfloat16 --plans idn:n24:4xF6:K2 --no-quality
+    snlp bench --checkpoint ... --data-dir ... --sweep --budget 0.05
 
 Sections (all in the same process, so the ratios share the machine's state):
 1. full forward of (1, T) tokens, T in --lengths: sequential eager and compiled, each plan compiled;
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from snlp_lightning import compat
 from snlp_lightning.errors import (
     ArgumentParser, Fault, UserError, at_least, atomic_file, atomic_write_text, check_writable_parent, clean_stale_temps, path_kind, require_dir,
     run_entry,
@@ -49,8 +50,8 @@ PROG = "snlp-bench"
 BENCH_FILES = ("bench.md", "bench.json", "speedup_vs_ppl.png")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=PROG, description="Layer-parallel vs sequential: speed and quality.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Layer-parallel vs sequential: speed and quality.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a .ckpt from snlp fit, or a nanochat checkpoint")
     src.add_argument("--preset", help="random weights of a preset instead (plain, nanochat, mhc, mhc-dynamic)")
@@ -80,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The command (``prog`` names it in --help and error lines: ``snlp bench`` under ``snlp``)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
 
     def bench() -> None:
-        print(run(args, command="snlp-bench " + " ".join(argv)))
+        compat.raise_dynamo_limits()  # every plan recompiles the decoder's step (global: set here, at entry)
+        print(run(args, command=f"{prog} " + " ".join(argv)))
 
-    return run_entry(PROG, bench)
+    return run_entry(prog, bench)
 
 
 def _settings(args) -> tuple[torch.device, torch.dtype]:
@@ -273,6 +276,12 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def _regional(device: torch.device) -> bool:
+    """Regional compilation where steps replay as CUDA graphs; on a CPU each step is one graph, so
+    the timings compare the plans' arithmetic, not the Python between regions (export.compiled)."""
+    return device.type == "cuda"
+
+
 def full_forward(model, plans, length, device, dtype, args) -> list[dict]:
     """(1, T) forward: the exact model (eager and compiled) and each plan's solver over all T positions.
     The compiled rows are timed round-robin (measure.interleaved_ms)."""
@@ -282,8 +291,9 @@ def full_forward(model, plans, length, device, dtype, args) -> list[dict]:
     with torch.inference_mode():  # inputs made here too: compiled graphs guard on inference-mode tensors
         inputs = example_inputs(seq, length)
         eager_ms = time_ms(lambda: seq.prefill_exact(*inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
-        steps = {"seq": (compile_step(seq.prefill_exact, device=device), seq)}
-        steps.update({name: (compile_step(d.decode, device=device), d) for name, d in decoders.items()})
+        regional = _regional(device)
+        steps = {"seq": (compile_step(seq, "prefill_exact", regional=regional), seq)}
+        steps.update({name: (compile_step(d, "decode", regional=regional), d) for name, d in decoders.items()})
         for step, decoder in steps.values():
             warm_up(step, decoder, tokens=length)
         with no_recompiles():
@@ -317,7 +327,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
 
     with torch.inference_mode():
         eager_ms = time_ms(keep("eager", partial(generate_tokens, decoders["seq"], prompts, new)), device, 0, args.repeats)
-        compiled = {name: compile_steps(decoder) for name, decoder in decoders.items()}
+        compiled = {name: compile_steps(decoder, regional=_regional(device)) for name, decoder in decoders.items()}
         runs = {}
         for name, decoder in decoders.items():
             warm_up(compiled[name]["decode"], decoder)
@@ -325,7 +335,7 @@ def decode_rows(model, plans, batch, device, dtype, args) -> list[dict]:
         if spec_plan:
             # A drafting plan that is also timed reuses that plan's decoder and compiled steps.
             drafter = decoders[spec_plan] if spec_plan in decoders else make(spec_plan)
-            steps = compiled[spec_plan] if spec_plan in compiled else compile_steps(drafter)
+            steps = compiled[spec_plan] if spec_plan in compiled else compile_steps(drafter, regional=_regional(device))
             if spec_plan not in compiled:
                 warm_up(steps["decode"], drafter)
             warm_up(steps["verify"], drafter, tokens=args.draft_len + 1)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from snlp_lightning.checkpoint_io import AtomicCheckpointIO, model_config
+from snlp_lightning.checkpoint_io import AtomicCheckpointIO
+from snlp_lightning.config import ModelConfig
 from snlp_lightning.errors import UserError, path_kind
-from snlp_lightning.models.gpt import GPT
+from snlp_lightning.models import GPT, build
 from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
 
 MODEL_PREFIX = "model."
@@ -52,7 +53,7 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     if path.suffix != ".ckpt" or path.is_dir():
         return load_nanochat(path).eval(), _tokenizer_near(path)
     checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
-    model = GPT(model_config(checkpoint, path))
+    model = build(ModelConfig.from_checkpoint(path, checkpoint))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -19,16 +19,15 @@ the token before each row's first token (smear reads it); logits (B, T, vocab) f
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from snlp_lightning.errors import UserError
-from snlp_lightning.models.gpt import GPT
-from snlp_lightning.models.kv_cache import StackCache, new_cache
-from snlp_lightning.models.mhc import ConnectionStack
-from snlp_lightning.models.stack import WideBlocks, stack_blocks, wide_block_forward, write_keys_values
-from snlp_lightning.solvers.newton import chunk_sequential, solve_chunks
+from snlp_lightning.models import GPT, WideBlocks
+from snlp_lightning.models.kv_cache import KVCache, mask_tables
+from snlp_lightning.solvers.executor import execute
 from snlp_lightning.solvers.plan import SolverPlan
 from snlp_lightning.solvers.surrogates import make_surrogate
 
@@ -47,41 +46,38 @@ def _inference_copy(t: Tensor, device, dtype) -> Tensor:
 
 
 class _StackBuffers:
-    """Registers every tensor of a WideBlocks (and of its mHC connections) as a buffer of ``owner``
-    and rebuilds the WideBlocks from those buffers at call time, so ``.to()``, ``torch.compile``
-    and ``torch.export`` see ordinary module state."""
+    """Registers every tensor of a stack (a family's dataclass, nested dataclasses included) as a
+    buffer of ``owner`` and rebuilds the stack from those buffers at call time, so ``.to()``,
+    ``torch.compile`` and ``torch.export`` see ordinary module state."""
 
     def __init__(self, owner: nn.Module, name: str, blocks: WideBlocks, device, dtype):
         self.owner, self.template, self.names = owner, blocks, {}
-        for field, value in self._tensors(blocks):
-            buffer = f"{name}__{field.replace('.', '__')}"
+        for path, value in self._tensors(blocks):
+            buffer = f"{name}__{'__'.join(path)}"
             owner.register_buffer(buffer, _inference_copy(value, device, dtype), persistent=False)
-            self.names[field] = buffer
+            self.names[path] = buffer
 
-    @staticmethod
-    def _tensors(blocks: WideBlocks):
-        for f in dataclasses.fields(blocks):
-            value = getattr(blocks, f.name)
+    @classmethod
+    def _tensors(cls, obj, prefix: tuple[str, ...] = ()):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
             if isinstance(value, Tensor):
-                yield f.name, value
-            elif isinstance(value, ConnectionStack):
-                for g in dataclasses.fields(value):
-                    inner = getattr(value, g.name)
-                    if isinstance(inner, Tensor):
-                        yield f"{f.name}.{g.name}", inner
+                yield (*prefix, f.name), value
+            elif dataclasses.is_dataclass(value):
+                yield from cls._tensors(value, (*prefix, f.name))
 
-    def build(self, **extra) -> WideBlocks:
-        top, nested = {}, {}
-        for field, buffer in self.names.items():
-            tensor = getattr(self.owner, buffer)
-            if "." in field:
-                outer, inner = field.split(".")
-                nested.setdefault(outer, {})[inner] = tensor
-            else:
-                top[field] = tensor
-        for outer, values in nested.items():
-            top[outer] = dataclasses.replace(getattr(self.template, outer), **values)
-        return dataclasses.replace(self.template, **top, **extra)
+    def build(self) -> WideBlocks:
+        def rebuild(obj, prefix: tuple[str, ...]):
+            changes = {}
+            for f in dataclasses.fields(obj):
+                path, value = (*prefix, f.name), getattr(obj, f.name)
+                if path in self.names:
+                    changes[f.name] = getattr(self.owner, self.names[path])
+                elif dataclasses.is_dataclass(value):
+                    changes[f.name] = rebuild(value, path)
+            return dataclasses.replace(obj, **changes)
+
+        return rebuild(self.template, ())
 
 
 class LayerParallelDecoder(nn.Module):
@@ -112,7 +108,7 @@ class LayerParallelDecoder(nn.Module):
         self.config, self.plan, self.batch_size, self.max_seq_len, self.dtype = cfg, plan, batch_size, max_seq_len, dtype
         n_layer = cfg.n_layer
         self.prefix_len = plan.prefix_len(n_layer)
-        self.backout_layer = n_layer // 2
+        self.backout_layer = model.backout_layer
 
         # Embedding and head: the model without its blocks (their weights live in the stacks below).
         blocks, model.transformer.h = model.transformer.h, nn.ModuleList()
@@ -121,28 +117,17 @@ class LayerParallelDecoder(nn.Module):
         finally:
             model.transformer.h = blocks
         with torch.no_grad():
-            self._layers = _StackBuffers(self, "layers", stack_blocks(model, [[i] for i in range(n_layer)]), device, dtype)
+            self._layers = _StackBuffers(self, "layers", model.stack([[i] for i in range(n_layer)]), device, dtype)
             self._chunks = None
             if plan.n_par and plan.fuse > 1:
-                fused = stack_blocks(model, plan.chunk_layers(n_layer), plan.average_branches)
+                fused = model.stack(plan.chunk_layers(n_layer), plan.average_branches)
                 self._chunks = _StackBuffers(self, "chunks", fused, device, dtype)
-        shape = (n_layer, batch_size, cfg.n_kv_head, max_seq_len, cfg.head_dim)
-        self.register_buffer("k_cache", new_cache(*shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", new_cache(*shape, dtype=dtype, device=device), persistent=False)
+        k, v = KVCache.allocate(batch_size, n_layer, cfg.n_kv_head, max_seq_len, cfg.head_dim, dtype, device)
+        self.register_buffer("k_cache", k, persistent=False)
+        self.register_buffer("v_cache", v, persistent=False)
+        masks, self.mask_windows = mask_tables(cfg.window_sizes(), max_seq_len, device)
+        self.register_buffer("cache_masks", masks, persistent=False)
         self.surrogate = make_surrogate(plan) if plan.method != "seq" else None
-
-    # -- the stacks, bound to their cache views ---------------------------------------------------
-    def layer_stack(self, caches: tuple[Tensor, Tensor]) -> WideBlocks:
-        """All L layers, one per wide block, with the per-layer caches (L, 1, B, Hkv, Tmax, hd)."""
-        return self._layers.build(cache=StackCache(caches[0], caches[1], start=0, groups=self.config.n_layer))
-
-    def chunk_stack(self, caches: tuple[Tensor, Tensor]) -> WideBlocks:
-        """The C parallel chunks of M fused layers, with their cache views (C, M, B, Hkv, Tmax, hd)."""
-        plan, start = self.plan, self.prefix_len
-        if self._chunks is None:
-            return self.layer_stack(caches).take(start, self.config.n_layer)
-        cache = StackCache(caches[0], caches[1], start=start, groups=plan.chunks, fuse=plan.fuse)
-        return self._chunks.build(cache=cache)
 
     # -- entry points -----------------------------------------------------------------------------
     def prefill(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches=None) -> Tensor:
@@ -151,44 +136,53 @@ class LayerParallelDecoder(nn.Module):
 
         ``caches``: (k, v) to use instead of the decoder's own (the exported graphs take them as inputs).
         """
-        return self._forward(tokens, positions, prev, "chunks" if self.plan.n_par else "exact", caches)
+        return self._run(tokens, positions, prev, caches, surrogate=None)
 
     def prefill_exact(self, tokens: Tensor, positions: Tensor, prev: Tensor) -> Tensor:
         """The exact sequential model over T tokens per row, writing the per-layer cache: the prompt
         prefill and the verifier of self-speculative decoding, and the sequential full forward."""
-        return self._forward(tokens, positions, prev, "exact")
+        return self._run(tokens, positions, prev, None, surrogate=None, exact=True)
 
     def decode(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches=None) -> Tensor:
         """One step of the plan: S exact blocks, K parallel iterations, then the kv refresh."""
-        mode = "snlp" if self.plan.method != "seq" else ("chunks" if self.plan.n_par else "exact")
-        return self._forward(tokens, positions, prev, mode, caches)
+        return self._run(tokens, positions, prev, caches, surrogate=self.surrogate)
 
     def reset_cache(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
 
-    def _forward(self, tokens: Tensor, positions: Tensor, prev: Tensor, mode: str, caches=None) -> Tensor:
-        caches = caches if caches is not None else (self.k_cache, self.v_cache)
+    def step(self, entry: str, regions: Callable[[WideBlocks], WideBlocks]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """``decode`` or ``prefill_exact`` as a step whose wide-block calls (every prefix layer,
+        every chunk call, the kv refresh) go through ``regions(stack)``, an object with the stack's
+        interface: ``export.compiled`` passes one that runs them as compiled regions."""
+        if entry == "decode":
+            return lambda tokens, positions, prev: self._run(tokens, positions, prev, None, self.surrogate, regions=regions)
+        if entry == "prefill_exact":
+            return lambda tokens, positions, prev: self._run(tokens, positions, prev, None, None, exact=True, regions=regions)
+        raise ValueError(f"entry {entry!r}: a step is 'decode' or 'prefill_exact'")
+
+    def _run(self, tokens: Tensor, positions: Tensor, prev: Tensor, caches, surrogate, exact: bool = False, regions=None) -> Tensor:
+        k, v = caches if caches is not None else (self.k_cache, self.v_cache)
+        cache = KVCache(k, v, self.cache_masks, self.mask_windows)
         inputs, h = self.shell.embed(tokens, positions, prev)
-        layers = self.layer_stack(caches)
-        sequential = self.config.n_layer if mode == "exact" else self.prefix_len
-        backout = None
-        for layer in range(sequential):
-            h = wide_block_forward(layers.select(layer), h.unsqueeze(0), inputs)[0].squeeze(0)
-            if layer == self.backout_layer:
-                backout = h
-        if mode == "exact":
-            return self.shell.head(h, backout)
-        chunks = self.chunk_stack(caches)
-        if mode == "chunks":
-            states = chunk_sequential(chunks, h, inputs)
-        else:
-            states, _, _ = solve_chunks(chunks, self.surrogate, h, inputs, self.plan)
-            # The cache keeps k, v of the final corrected chunk inputs (spec section 6).
-            write_keys_values(chunks, torch.cat([h.unsqueeze(0), states[:-1]]), inputs)
-        if self.backout_layer >= self.prefix_len:
-            backout = states[(self.backout_layer - self.prefix_len) // self.plan.fuse]
-        return self.shell.head(states[-1], backout)
+        stacked = self._layers.build()
+        wrap = regions or (lambda stack: stack)
+        layers = wrap(stacked)
+
+        def chunks() -> WideBlocks:
+            return wrap(stacked.take(self.prefix_len, self.config.n_layer) if self._chunks is None else self._chunks.build())
+
+        return execute(
+            self.plan, inputs, h,
+            layer=lambda l, x: layers.select(l)(x.unsqueeze(0), inputs, cache)[0].squeeze(0),
+            chunks=chunks,
+            head=self.shell.head,
+            n_layer=self.config.n_layer,
+            backout_layer=self.backout_layer,
+            surrogate=surrogate,
+            cache=cache,
+            exact=exact,
+        ).logits
 
 
 def example_inputs(decoder: LayerParallelDecoder, tokens: int, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,8 +1,9 @@
-"""``snlp-generate``: stream text from a checkpoint (any plan, eager or compiled) or an exported package.
+"""``snlp generate`` (alias ``snlp-generate``): stream text from a checkpoint (any plan, eager or
+compiled) or an exported package.
 
-    snlp-generate --checkpoint runs/quickstart/checkpoints/last.ckpt --plan idn:n6:3xF2:K2 --prompt "The"
-    snlp-generate --checkpoint last.ckpt --plan idn:n4:K1 --speculative 4 --prompt "The"
-    snlp-generate --package exported/idn_n6_K2 --prompt "The" --temperature 0.8 --top-k 50
+    snlp generate --checkpoint runs/quickstart/checkpoints/last.ckpt --plan idn:n6:3xF2:K2 --prompt "The"
+    snlp generate --checkpoint last.ckpt --plan idn:n4:K1 --speculative 4 --prompt "The"
+    snlp generate --package exported/idn_n6_K2 --prompt "The" --temperature 0.8 --top-k 50
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ import argparse
 import sys
 import time
 
+from snlp_lightning import compat
 from snlp_lightning.errors import ArgumentParser, Fault, UserError, at_least, run_entry
 
 PROG = "snlp-generate"
-# Settings an exported package fixed at export time (snlp-export takes them instead).
+# Settings an exported package fixed at export time (snlp export takes them instead).
 CHECKPOINT_ONLY = ("plan", "dtype", "device", "compile", "speculative", "max_seq_len")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Stream text from a checkpoint (any plan, eager or compiled) or an exported package.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a .ckpt from snlp fit, or a nanochat checkpoint")
-    src.add_argument("--package", help="a folder written by snlp-export (runs without the training code)")
+    src.add_argument("--package", help="a folder written by snlp export (runs without the training code)")
     p.add_argument("--plan", default=None, help="solver plan, e.g. idn:n6:3xF2:K2 (checkpoint only; default seq)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
@@ -41,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The command (``prog`` names it in --help and error lines: ``snlp generate`` under ``snlp``)."""
+    args = build_parser(prog).parse_args(argv)
     from .runtime import GenerationError
     from .standalone import PackageError
     from .text import TokenizerError
 
-    return run_entry(PROG, _run, args, user_errors=(GenerationError, PackageError, TokenizerError))
+    return run_entry(prog, _run, args, user_errors=(GenerationError, PackageError, TokenizerError))
 
 
 def _run(args) -> int:
@@ -56,8 +59,10 @@ def _run(args) -> int:
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise UserError(f"{flag} cannot be used with --package: the package fixed it at export time "
-                            f"(pass it to snlp-export, or use --checkpoint)")
+                            f"(pass it to snlp export, or use --checkpoint)")
         return _run_package(args)
+    if args.compile:
+        compat.raise_dynamo_limits()  # global dynamo settings: set here, at the command's entry
     return _run_checkpoint(args)
 
 
@@ -107,17 +112,16 @@ def _run_checkpoint(args) -> int:
 
 
 def _compile(decoder, draft_len: int):
-    import torch
-
     from .compiled import compile_steps, warm_up
 
+    compile_failed = compat.backend_compiler_failed()
     steps = compile_steps(decoder)
     print(f"compiling the decode step of {decoder.plan} ...", file=sys.stderr)
     try:
         warm_up(steps["decode"], decoder)
         if draft_len:
             warm_up(steps["verify"], decoder, tokens=draft_len + 1)
-    except torch._dynamo.exc.BackendCompilerFailed as err:  # no C++ compiler, or one that fails
+    except compile_failed as err:  # no C++ compiler, or one that fails
         lines = [line for line in str(err).splitlines() if line.strip()]
         raise Fault(f"--compile failed ({lines[-1].strip() if lines else type(err).__name__}): run without --compile") from None
     return steps

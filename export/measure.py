@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from snlp_lightning.models.gpt import GPT
+from snlp_lightning.metrics import plan_metrics
+from snlp_lightning.models import GPT
 from snlp_lightning.solvers import SolverPlan, snlp_forward
 
 
@@ -93,10 +94,8 @@ def quality(model: GPT, windows: Tensor, plans: list[SolverPlan], batch: int = 8
         count += targets.numel()
         for plan in plans:
             logits = snlp_forward(model, inputs, plan, generator=torch.Generator().manual_seed(start))
-            acc = sums[str(plan)]
-            acc["nll"] += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-            acc["top1"] += float((logits.argmax(-1) == reference.argmax(-1)).sum())
-            acc["cosine"] += float(F.cosine_similarity(logits, reference, dim=-1).sum())
+            for name, value in plan_metrics(reference, logits, targets).items():
+                sums[str(plan)][name] += float(value.sum())
     out = {"seq": {"ppl": math.exp(seq_nll / count), "top1": 1.0, "cosine": 1.0}}
     for plan, acc in sums.items():
         out[plan] = {"ppl": math.exp(acc["nll"] / count), "top1": acc["top1"] / count, "cosine": acc["cosine"] / count}

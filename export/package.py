@@ -1,6 +1,7 @@
-"""``snlp-export``: a trained checkpoint + a plan -> one AOTInductor ``.pt2`` and a manifest.
+"""``snlp export`` (alias ``snlp-export``): a trained checkpoint + a plan -> one AOTInductor ``.pt2``
+and a manifest.
 
-    snlp-export --checkpoint runs/quickstart/checkpoints/last.ckpt --plan idn:n6:3xF2:K2 --out exported/idn6
+    snlp export --checkpoint runs/quickstart/checkpoints/last.ckpt --plan idn:n6:3xF2:K2 --out exported/idn6
 
 The folder holds ``model.pt2`` with two compiled graphs (``prefill``: T tokens, T dynamic in
 1..max_seq_len; ``decode``: one token per row), ``manifest.json`` (model config, plan, dtype,
@@ -179,8 +180,8 @@ def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool) -> dict:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=PROG, description="Export a checkpoint + plan to an AOTInductor package.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Export a checkpoint + plan to an AOTInductor package.")
     p.add_argument("--checkpoint", required=True, help="a .ckpt from snlp fit, or a nanochat checkpoint")
     p.add_argument("--plan", default="seq", help="solver plan, e.g. idn:n6:3xF2:K2")
     p.add_argument("--out", required=True, help="output folder (new, or an earlier package with --overwrite)")
@@ -193,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The command (``prog`` names it in --help and error lines: ``snlp export`` under ``snlp``)."""
+    args = build_parser(prog).parse_args(argv)
     from .runtime import GenerationError
     from .text import TokenizerError
 
-    return run_entry(PROG, _run, args, user_errors=(GenerationError, TokenizerError))
+    return run_entry(prog, _run, args, user_errors=(GenerationError, TokenizerError))
 
 
 def _run(args) -> int:

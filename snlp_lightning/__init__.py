@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .config import PAPER_SIZES, PRESETS, ConfigError, ModelConfig, make_config
-from .models import GPT, TokenRangeError
+from .models import FAMILIES, GPT, TokenRangeError, build
 from .models.nanochat_io import CheckpointError, export_nanochat, load_nanochat
 from .solvers import PlanError, SolveResult, SolverDivergence, SolverPlan, snlp_forward, snlp_solve
 
@@ -18,11 +18,11 @@ __version__ = "0.1.0"
 def build_model(preset: str | ModelConfig = "plain", size: str | None = None, **overrides) -> GPT:
     """A freshly initialised model from a preset name (plus overrides) or a ModelConfig."""
     cfg = preset if isinstance(preset, ModelConfig) else make_config(preset, size, **overrides)
-    return GPT(cfg)
+    return build(cfg)
 
 
 __all__ = [
-    "GPT", "ModelConfig", "PRESETS", "PAPER_SIZES", "ConfigError", "PlanError", "CheckpointError",
+    "FAMILIES", "GPT", "ModelConfig", "PRESETS", "PAPER_SIZES", "ConfigError", "PlanError", "CheckpointError",
     "TokenRangeError", "SolverDivergence", "SolverPlan", "SolveResult", "build_model", "make_config",
     "snlp_forward", "snlp_solve", "load_nanochat", "export_nanochat",
 ]

@@ -20,9 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .config import ConfigError, ModelConfig
-from .errors import Fault, atomic_file, clean_stale_temps, first_line, os_error_line, path_kind
-from .models.nanochat_io import CheckpointError, non_finite_entries
+from .errors import CheckpointError, Fault, atomic_file, clean_stale_temps, non_finite_entries, os_error_line, path_kind
 
 
 class NonFiniteWeights(Fault, FloatingPointError):
@@ -115,19 +113,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad:  # never written by this project; resuming or scoring it would fail later, less clearly
             raise CheckpointError(f"checkpoint {path} holds NaN/inf weights ({', '.join(bad)}): use an earlier checkpoint")
         return checkpoint
-
-
-def model_config(checkpoint: dict[str, Any], path) -> ModelConfig:
-    """The model config a checkpoint of ``snlp fit`` was trained with (``hyper_parameters.config``);
-    a CheckpointError naming ``path`` when it is missing or this version cannot use it."""
-    hyper = checkpoint.get("hyper_parameters")
-    fields = hyper.get("config") if isinstance(hyper, dict) else None
-    if not isinstance(fields, dict):
-        raise CheckpointError(
-            f"checkpoint {path} has no model config (hyper_parameters.config): it was not written by snlp fit "
-            "(a nanochat checkpoint goes in --model.init_from)"
-        )
-    try:
-        return ModelConfig(**fields)
-    except (TypeError, ConfigError) as err:  # TypeError: fields this version does not know
-        raise CheckpointError(f"checkpoint {path} has a model config this version cannot use: {first_line(err)}") from None

@@ -1,4 +1,6 @@
-"""``snlp``: LightningCLI over SNLPModule + TokenDataModule.
+"""``snlp fit`` and ``snlp validate``: LightningCLI over SNLPModule + TokenDataModule.
+
+(``snlp`` itself, with every other subcommand, is ``snlp_lightning/__main__.py``.)
 
     snlp fit --config configs/quickstart.yaml
     snlp fit --config configs/quickstart.yaml --ckpt_path last          # resume exactly
@@ -24,8 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .checkpoint_io import AtomicCheckpointIO, model_config
-from .config import ConfigError
+from . import compat
+from .checkpoint_io import AtomicCheckpointIO
+from .config import ConfigError, ModelConfig
 from .data import TokenDataModule
 from .errors import EXIT_BAD_INPUT, TRACEBACK_ENV, check_writable_parent, first_line, path_kind, run_entry
 from .models.nanochat_io import CheckpointError
@@ -49,6 +52,15 @@ class OneLineParser(LightningArgumentParser):
 
 
 class SNLPCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate (SNLPModule has no test or predict step); ``snlp`` dispatches the rest."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("prog", "snlp")  # the command's name also under python -m (--help's usage line)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
@@ -113,7 +125,7 @@ class SNLPCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-        saved = dataclasses.asdict(model_config(checkpoint, ckpt_path))
+        saved = dataclasses.asdict(ModelConfig.from_checkpoint(ckpt_path, checkpoint))
         given = section.get("model", {}).get("config")
         given = given.as_dict() if hasattr(given, "as_dict") else dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
         changed = [f"{k}={saved[k]!r} (config: {given[k]!r})" for k in saved if k in given and given[k] != saved[k]]
@@ -152,6 +164,7 @@ def trainer_defaults() -> dict:
 
 
 def run(args: list[str] | None = None) -> SNLPCLI:
+    compat.check_lightning_cli_hooks()  # SNLPCLI overrides two private LightningCLI hooks
     return SNLPCLI(
         SNLPModule,
         TokenDataModule,
@@ -194,11 +207,13 @@ def _run(args: list[str] | None) -> SNLPCLI:
     return run(args)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> int:
+    """``snlp fit | validate ...`` (``snlp_lightning.__main__`` dispatches the other commands)."""
     # Lightning's MisconfigurationException is its "bad Trainer setting" error (an accelerator this
     # machine lacks, devices=0, ...): bad input, so one line and exit code 2.
     run_entry("snlp", _run, args, user_errors=(MisconfigurationException,))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

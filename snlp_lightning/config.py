@@ -1,17 +1,30 @@
-"""Typed model configuration and the named presets.
+"""Typed model configuration and the named architectures.
 
 Field names follow nanochat's ``GPTConfig`` so a nanochat config dict maps onto ``ModelConfig``
 one to one; the extra fields (``smear``, ``backout``, ``mhc_variant``, ``short_window``) are ours.
+
+Every named architecture is defined once, below: the presets (``PRESETS``, tiny default sizes),
+the paper's sizes (``PAPER_SIZES``) and the model of each run in ``configs/`` (``NAMED_MODELS``, a
+preset at a size). A config can be made the way litgpt's ``Config`` classmethods do it::
+
+    ModelConfig.from_name("paper-0.5b")                    # the model of configs/paper-0.5b.yaml
+    ModelConfig.from_name("nanochat", n_layer=4)           # a preset, with overrides
+    ModelConfig.from_checkpoint("runs/quickstart/checkpoints/last.ckpt")   # what snlp fit trained
+    ModelConfig.from_nanochat("path/to/checkpoint_folder")                  # a nanochat checkpoint
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from .errors import UserError
+from .errors import CheckpointError, UserError, first_line, path_kind
 
 
 class ConfigError(UserError):
@@ -128,10 +141,120 @@ class ModelConfig:
             raise bad("no_x0_resid", "mHC models have no resid / x0 lambdas: set no_x0_resid=True")
 
     def replace(self, **changes) -> "ModelConfig":
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; allowed: {sorted(f.name for f in dataclasses.fields(self))}")
+        _check_fields(changes)
         return dataclasses.replace(self, **changes)
+
+    # -- named and saved configs (litgpt's Config.from_name / from_checkpoint) ----------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """A named architecture, with field overrides: a preset (``plain``, ``nanochat``, ``mhc``,
+        ``mhc-dynamic``; tiny default sizes) or the model of a run in configs/ (``quickstart``,
+        ``quickstart-mhc``, ``paper-0.5b``, ``paper-0.5b-plain``, ``paper-0.5b-mhc``, ``paper-3b``)."""
+        named = {**PRESETS, **NAMED_MODELS}
+        if not isinstance(name, str) or name not in named:
+            raise ConfigError(f"unknown model name {name!r}; allowed: {sorted(named)}")
+        fields = {**named[name], **overrides}
+        _check_fields(fields)
+        return cls(**fields)
+
+    @classmethod
+    def from_checkpoint(cls, path, checkpoint: dict | None = None) -> "ModelConfig":
+        """The architecture a checkpoint of ``snlp fit`` (a Lightning ``.ckpt``) was trained with,
+        its ``hyper_parameters.config``. ``checkpoint``: the file's contents when already loaded.
+
+        A missing, corrupt or foreign file, or one without a usable model config, is a
+        CheckpointError naming it. nanochat checkpoints: ``from_nanochat``."""
+        if checkpoint is None:
+            from .checkpoint_io import AtomicCheckpointIO  # Lightning's IO: imported only when a file is read
+
+            checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
+        hyper = checkpoint.get("hyper_parameters")
+        fields = hyper.get("config") if isinstance(hyper, dict) else None
+        if not isinstance(fields, dict):
+            raise CheckpointError(
+                f"checkpoint {path} has no model config (hyper_parameters.config): it was not written by snlp fit "
+                "(a nanochat checkpoint goes in --model.init_from)"
+            )
+        try:
+            return cls(**fields)
+        except (TypeError, ConfigError) as err:  # TypeError: fields this version does not know
+            raise CheckpointError(f"checkpoint {path} has a model config this version cannot use: {first_line(err)}") from None
+
+    @classmethod
+    def from_nanochat(cls, source) -> "ModelConfig":
+        """The architecture of a nanochat checkpoint: a ``model_*.pt`` file (``meta_*.json`` beside
+        it), a folder holding one (the newest is read), or nanochat's GPTConfig dict itself.
+
+        Only the meta file is read. Errors name the file and what is wrong (CheckpointError), or the
+        field (ConfigError, for a dict)."""
+        if isinstance(source, Mapping):
+            return _from_nanochat_fields(source)
+        if not isinstance(source, (str, os.PathLike)):
+            raise CheckpointError(f"from_nanochat takes a checkpoint path or nanochat's config dict, got {type(source).__name__}")
+        _, meta = nanochat_files(Path(source))
+        return nanochat_meta_config(meta)
+
+
+# -- where a nanochat checkpoint keeps its config -------------------------------------------------
+# nanochat GPTConfig fields that do not change the logits of the base model.
+IGNORED_NANOCHAT_FIELDS = ("num_mtp_steps", "mtp_loss_weight")
+# Sizes a nanochat config must state: our defaults are not nanochat's, so a missing one is an error.
+REQUIRED_NANOCHAT_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+
+
+def _from_nanochat_fields(fields: Mapping) -> ModelConfig:
+    """nanochat's GPTConfig dict (plus our extension fields) -> ModelConfig."""
+    if not isinstance(fields, Mapping):
+        raise ConfigError(f"a nanochat model config must be a mapping of GPTConfig fields, got {type(fields).__name__}")
+    missing = [k for k in REQUIRED_NANOCHAT_FIELDS if k not in fields]
+    if missing:
+        raise ConfigError(f"the model config lacks {', '.join(missing)}; a nanochat GPTConfig states all of {', '.join(REQUIRED_NANOCHAT_FIELDS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {k: v for k, v in fields.items() if k not in IGNORED_NANOCHAT_FIELDS}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown model config field(s) {unknown}; allowed: {sorted(known)}")
+    # nanochat's own model always has smear and backout; its mHC is the static variant.
+    return ModelConfig(**{"smear": True, "backout": True, "mhc_variant": "static", **fields})
+
+
+def nanochat_files(path: Path) -> tuple[Path, Path]:
+    """A nanochat ``model_*.pt`` file, or a folder holding some (the newest), -> (it, its meta_*.json)."""
+    if path.is_dir():
+        candidates = sorted(path.glob("model_*.pt"))
+        if not candidates:
+            raise CheckpointError(f"no model_*.pt checkpoint in {path}")
+        path = candidates[-1]
+    kind = path_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if kind != "a file":
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a nanochat model_*.pt file")
+    if path.suffix == ".ckpt":
+        raise CheckpointError(f"{path} is a checkpoint of snlp fit: resume it with --ckpt_path; a nanochat model_*.pt goes here")
+    meta = path.with_name(path.name.replace("model_", "meta_", 1)).with_suffix(".json")
+    if not meta.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {meta.name} beside it (needed for the model config)")
+    return path, meta
+
+
+def nanochat_meta_config(meta: Path) -> ModelConfig:
+    """The ModelConfig of a nanochat ``meta_*.json`` (its "model_config" entry); CheckpointError naming it."""
+    try:
+        fields = json.loads(meta.read_text(encoding="utf-8"))["model_config"]
+    except (ValueError, KeyError, TypeError) as err:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointError(f"{meta} is not a nanochat meta file with a 'model_config' entry ({first_line(err)})") from None
+    try:
+        return _from_nanochat_fields(fields)
+    except ConfigError as err:
+        raise CheckpointError(f"{meta}: {err}") from None
+
+
+def _check_fields(fields) -> None:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown ModelConfig field(s) {unknown}; allowed: {sorted(known)}")
 
 
 # The named presets. Sizes are tiny defaults; pass overrides for real runs (see PAPER_SIZES).
@@ -152,19 +275,29 @@ PAPER_SIZES: dict[str, dict] = {
     "3b": dict(n_layer=32, n_embd=2048, n_head=16, n_kv_head=16, vocab_size=32768, sequence_len=2048),
 }
 
+# The quickstart's toy size: 8 blocks of width 128 over the bundled corpus's 4096-token vocabulary.
+QUICKSTART_SIZE: dict = dict(n_layer=8, n_embd=128, n_head=4, n_kv_head=4, vocab_size=4096, sequence_len=128)
+
+# The model of each run in configs/ (configs/<name>.yaml, with its overlays); tests/test_configs.py
+# checks that every config file resolves to its model here.
+NAMED_MODELS: dict[str, dict] = {
+    "quickstart": {**PRESETS["plain"], **QUICKSTART_SIZE},
+    "quickstart-mhc": {**PRESETS["mhc"], **QUICKSTART_SIZE},
+    "paper-0.5b": {**PRESETS["nanochat"], **PAPER_SIZES["0.5b"]},
+    "paper-0.5b-plain": {**PRESETS["plain"], **PAPER_SIZES["0.5b"], "window_pattern": "SSSL"},
+    "paper-0.5b-mhc": {**PRESETS["mhc"], **PAPER_SIZES["0.5b"], "window_pattern": "SSSL"},
+    "paper-3b": {**PRESETS["nanochat"], **PAPER_SIZES["3b"]},
+}
+
 
 def make_config(preset: str = "plain", size: str | None = None, **overrides) -> ModelConfig:
-    """``make_config("nanochat", n_layer=4)`` -> a validated ModelConfig."""
+    """``make_config("nanochat", n_layer=4)``, ``make_config("plain", size="0.5b")`` -> a validated
+    ModelConfig (a preset at one of PAPER_SIZES; ``ModelConfig.from_name`` also knows NAMED_MODELS)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
-    fields = dict(PRESETS[preset])
+    sizes = {}
     if size is not None:
         if size not in PAPER_SIZES:
             raise ConfigError(f"unknown size {size!r}; allowed: {sorted(PAPER_SIZES)}")
-        fields.update(PAPER_SIZES[size])
-    fields.update(overrides)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"unknown ModelConfig field(s) {unknown}; allowed: {sorted(known)}")
-    return ModelConfig(**fields)
+        sizes = PAPER_SIZES[size]
+    return ModelConfig.from_name(preset, **{**sizes, **overrides})

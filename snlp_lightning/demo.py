@@ -1,5 +1,9 @@
-"""snlp-demo: build small models of each family and print how every solver plan compares with the
-sequential model (logit error, top-1 agreement, cosine, residual, ideal speedup, CPU time).
+"""``snlp demo`` (alias ``snlp-demo``): build small models of each family and print how every solver
+plan compares with the sequential model (logit error, top-1 agreement, cosine, residual, ideal
+speedup, CPU time).
+
+    snlp demo                                   # every family, the default plans, L = 8
+    snlp demo --preset mhc --plans hcn:n6:K2 idn:n6:3xF2:K2
 
 Untrained nanochat blocks are exactly the identity (zero output projections), which would make
 every plan trivially exact, so the demo draws the output projections at the scale of the input
@@ -24,6 +28,7 @@ DEFAULT_PLANS = [
     "idn:n6:3xF2:K1", "idn:n6:3xF2:K2", "newton:n6:K2", "idn:n6:K6",
 ]
 MHC_PLANS = ["hcn:n6:K1", "hcn:n6:K2", "hcn:n6:3xF2:K2"]
+PROG = "snlp-demo"  # the alias's name; ``snlp demo`` passes its own
 
 
 @torch.no_grad()
@@ -64,12 +69,15 @@ def run(preset: str, layers: int, plans: list[str], seed: int) -> str:
     return "\n".join([header, *rows])
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_entry("snlp-demo", _main, argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command (``prog`` names it in --help and error lines: ``snlp demo`` under ``snlp``)."""
+    run_entry(prog, _main, argv, prog)
 
 
-def _main(argv: list[str] | None) -> None:
-    parser = ArgumentParser(prog="snlp-demo", description=__doc__.split("\n\n")[0])
+def _main(argv: list[str] | None, prog: str = PROG) -> None:
+    parser = ArgumentParser(prog=prog, description="Build small models of each family and print how every solver plan "
+                            "compares with the sequential model (logit error, top-1 agreement, cosine, residual, "
+                            "ideal speedup, CPU time).")
     parser.add_argument("--preset", default="all", choices=["all", "plain", "nanochat", "mhc", "mhc-dynamic"])
     parser.add_argument("--layers", type=at_least(1), default=8)
     parser.add_argument("--plans", nargs="+", default=None, help="plan strings, e.g. idn:n6:3xF2:K2 (hcn plans run on mHC presets)")

@@ -1,7 +1,8 @@
 """One error policy for every entry point, and the file-system edges every command shares.
 
-Every command (``snlp``, ``snlp-prepare``, ``snlp-generate``, ``snlp-export``, ``snlp-bench``,
-``snlp-quickstart``, ``snlp-demo``) ends a failed run the same way:
+Every command (``snlp`` and each of its subcommands, also under their old names ``snlp-prepare``,
+``snlp-generate``, ``snlp-export``, ``snlp-bench``, ``snlp-quickstart``, ``snlp-demo``) ends a failed
+run the same way, naming itself (``snlp prepare: error: ...``):
 
     UserError  bad input (a value, a path, a file's contents): one line that names the bad value and
                what is allowed, exit code 2
@@ -34,6 +35,8 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 EXIT_BAD_INPUT = 2
 EXIT_FAULT = 1
@@ -261,7 +264,7 @@ def unexpected_entries(folder: Path, allowed: Iterable[str]) -> list[str]:
 def earlier_output_problem(folder: Path, manifest_format: str, entries: Iterable[str]) -> str | None:
     """None when ``folder`` is an earlier output of a command (its manifest.json has ``manifest_format``
     and it holds nothing but ``entries``); else why not, naming what else it holds. The
-    ``is_own_output`` of ``check_output_dir`` for snlp-prepare and snlp-export."""
+    ``is_own_output`` of ``check_output_dir`` for snlp prepare and snlp export."""
     extra = [f"{name}/" if (folder / name).is_dir() else name for name in unexpected_entries(folder, entries)]
     holds = ", ".join(extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
     manifest = folder / "manifest.json"
@@ -382,3 +385,18 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or does not fit; the message names the file or keys."""
+
+
+def non_finite_entries(state, limit: int = 3) -> list[str]:
+    """Names of floating-point tensors in the mapping ``state`` holding NaN / inf (at most ``limit``)."""
+    bad = []
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad

@@ -25,7 +25,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from .config import ConfigError, ModelConfig
 from .errors import Fault
-from .models.gpt import GPT
+from .models import GPT, build
+from .metrics import plan_metrics
 from .models.nanochat_io import CheckpointError, load_nanochat
 from .optim import OptimConfig, build_optimizer
 from .regularizer import RegularizerConfig, diag_probes, snlp_regularizer, warmup_weight
@@ -70,7 +71,7 @@ class SNLPModule(L.LightningModule):
             self.model = load_nanochat(init_from)
             config = self.model.config
         else:
-            self.model = GPT(config)
+            self.model = build(config)
         self.config = config
         self.regularizer = regularizer.validate(config)
         self.optim_config = optim.validate()
@@ -89,10 +90,7 @@ class SNLPModule(L.LightningModule):
                 "probe_seed": probe_seed,
             }
         )
-        # Inductor's attention-fusion patterns (fuse_attention._sfdp_pattern_29, torch 2.13) rewrite the
-        # 5-D (G, B, H, T, hd) attention of the batched blocks into a 4-D SDPA call and fail to compile:
-        # the pattern matcher stays off for this graph.
-        self._losses = torch.compile(self._loss_graph, options={"pattern_matcher": False}) if compile else self._loss_graph
+        self._losses = torch.compile(self._loss_graph) if compile else self._loss_graph
         self.per_block = False  # set in setup under FSDP: the regularizer calls each block's own forward
         self._full_model: GPT | None = None  # under FSDP, during validation: an unsharded copy
         self.val_ce = SumMetric()
@@ -271,7 +269,7 @@ class SNLPModule(L.LightningModule):
         with FullyShardedDataParallel.summon_full_params(self.trainer.model, writeback=False), torch.no_grad():
             state = {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for name, p in self.model.named_parameters()}
         with torch.device(self.device):
-            full = GPT(self.config)
+            full = build(self.config)
         full.load_state_dict(state)
         return full.to(self.model.transformer.wte.weight.dtype).eval()
 
@@ -285,9 +283,10 @@ class SNLPModule(L.LightningModule):
             key = _metric_key(plan)
             gen = torch.Generator().manual_seed(self.probe_seed + batch_idx)
             logits = snlp_forward(model, inputs, plan, generator=gen)
-            self.plan_ce[key].update(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-            self.plan_top1[key].update((logits.argmax(-1) == reference.argmax(-1)).float().flatten())
-            self.plan_cosine[key].update(F.cosine_similarity(logits, reference, dim=-1).flatten())
+            metrics = plan_metrics(reference, logits, targets)
+            self.plan_ce[key].update(metrics["nll"])
+            self.plan_top1[key].update(metrics["top1"])
+            self.plan_cosine[key].update(metrics["cosine"])
 
     def on_validation_epoch_end(self):
         self._full_model = None

@@ -2,8 +2,9 @@
 
 Lightning's automatic optimization drives a single optimizer (clipping, accumulation, schedulers
 and LearningRateMonitor assume it), so Muon and AdamW live in one ``MuonAdamW`` with parameter
-groups tagged ``kind``: Muon (torch's own Muon update, ``torch.optim._muon.muon``) for the 2-D
-block matrices, AdamW for the embeddings, the head, the per-layer scalars and the mHC connections.
+groups tagged ``kind``: Muon (torch's own Muon update, ``torch.optim._muon.muon``, reached through
+``compat.torch_muon``) for the 2-D block matrices, AdamW for the embeddings, the head, the per-layer
+scalars and the mHC connections.
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .models.gpt import GPT
-
-try:  # torch >= 2.9 ships Muon; its functional update is what torch.optim.Muon.step calls
-    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, muon as torch_muon_update
-except ImportError:  # pragma: no cover - older torch
-    torch_muon_update = None
+from . import compat
+from .models import GPT
 
 
 # Far above any useful rate, and low enough that lr / (1 - beta1) and lr * weight decay stay finite
@@ -50,8 +47,6 @@ class OptimConfig:
 
         if self.optimizer not in ("muon_adamw", "adamw"):
             raise ConfigError(f"optimizer={self.optimizer!r} is not allowed: one of 'muon_adamw', 'adamw'")
-        if self.optimizer == "muon_adamw" and torch_muon_update is None:
-            raise ConfigError(f"optimizer='muon_adamw' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
         import math
 
         for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "mhc_lr"):
@@ -82,6 +77,8 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["kind"] == "muon" and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups take 2-D parameters only")
+        if any(group["kind"] == "muon" for group in self.param_groups):
+            compat.torch_muon()  # torch's private Muon update, checked now rather than at the first step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,9 +103,10 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
-        torch_muon_update(
+        muon_update, ns_coefficients = compat.torch_muon()
+        muon_update(
             params, [p.grad for p in params], bufs, lr=group["lr"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], nesterov=True, ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C),
+            momentum=group["momentum"], nesterov=True, ns_coefficients=ns_coefficients,
             ns_steps=5, eps=1e-7, adjust_lr_fn=None, has_complex=False,
         )
 

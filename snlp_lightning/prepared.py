@@ -211,7 +211,9 @@ def require_windows(data_dir: str | os.PathLike, split: str, index: dict[str, An
 
 
 def _read_remote_text(uri: str, data_dir: str) -> str:
-    from litdata.streaming.fs_provider import _get_fs_provider
+    from .compat import litdata_fs_provider
+
+    _get_fs_provider = litdata_fs_provider()  # litdata's private lookup, its signature checked
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "manifest.json")
@@ -225,7 +227,9 @@ def _read_remote_text(uri: str, data_dir: str) -> str:
 
 def _remote_exists(uri: str) -> bool | None:
     """True / False when the provider can tell, None when it cannot (then litdata reports it)."""
-    from litdata.streaming.fs_provider import _get_fs_provider
+    from .compat import litdata_fs_provider
+
+    _get_fs_provider = litdata_fs_provider()  # litdata's private lookup, its signature checked
 
     try:
         return bool(_get_fs_provider(uri).exists(uri))

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, ModelConfig
-from .models.gpt import GPT
-from .models.stack import BlockInputs, stack_blocks, wide_block_forward
+from .models import GPT, BlockInputs
 from .solvers.surrogates import linear_scan, rademacher
 
 DIAG_EPS = 1e-2
@@ -112,7 +111,7 @@ def _suffix_outputs(model: GPT, inputs: BlockInputs, h_init: Tensor, first: int,
         return torch.stack(outs), None if mixing[0] is None else torch.stack(mixing)
     layers = [[layer] for layer in range(first, model.config.n_layer)]
     stacked = h_init.unsqueeze(0).expand(len(layers), *h_init.shape)
-    return wide_block_forward(stack_blocks(model, layers), stacked, inputs)
+    return model.stack(layers)(stacked, inputs)
 
 
 def idn_term(

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from .models.block import Block
+from . import compat
+from .models.nanochat import Block
 
 
 class BlockFSDPStrategy(FSDPStrategy):
@@ -49,6 +49,7 @@ class BlockFSDPStrategy(FSDPStrategy):
     def __init__(self, state_dict_type: str = "full", **kwargs: Any):
         kwargs.setdefault("auto_wrap_policy", {Block})
         kwargs.setdefault("use_orig_params", True)
+        compat.check_fsdp_strategy_hooks()  # _setup_model below overrides a private hook
         super().__init__(state_dict_type=state_dict_type, **kwargs)
 
     @property
@@ -75,8 +76,9 @@ class BlockFSDPStrategy(FSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
-        _move_torchmetrics_to_device(model, self.root_device)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        move_torchmetrics_to_device, setup_activation_checkpointing = compat.lightning_fsdp_helpers()
+        move_torchmetrics_to_device(model, self.root_device)
+        setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
 
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -22,7 +22,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def snlp(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "snlp_lightning.cli", *args], cwd=cwd, capture_output=True, text=True,
+    """``snlp ARGS`` (``python -m snlp_lightning``: the one command, as the console script runs it)."""
+    done = subprocess.run([sys.executable, "-m", "snlp_lightning", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env=ONE_THREAD)
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -35,3 +36,15 @@ def fit_args(data: Path, name: str, *extra: str) -> list[str]:
         "--trainer.logger.init_args.name", name, "--checkpoint.dirpath", f"runs/{name}/checkpoints",
         "--trainer.enable_progress_bar", "false", *extra,
     ]
+
+
+def installed(name: str) -> str:
+    """The console script ``name`` (snlp, snlp-prepare, ...) that ``pip install -e .`` put beside this interpreter."""
+    path = Path(sys.executable).with_name(name)
+    assert path.is_file(), f"{name} is not installed beside {sys.executable}: run pip install -e ."
+    return str(path)
+
+
+def run_installed(name: str, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script ``name`` with ``args`` (one intra-op thread)."""
+    return subprocess.run([installed(name), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)

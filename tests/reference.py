@@ -129,3 +129,51 @@ def forward(model: GPT, idx):
         x = x - model.backout_lambda * mid.sum(-2)
     logits = (rms(x) @ model.lm_head.weight.T)[..., : cfg.vocab_size]
     return 15 * torch.tanh(logits / 15)
+
+
+def fused_block(model: GPT, layers: list[int], h, x0, idx, average: bool = False):
+    """Spec section 3: M blocks fused into one, on h (B, T, n, D). Returns (F(h), A or None).
+
+    The blend uses the M blocks' mean lambdas; each sub-layer sums the M branches on one normed
+    input (value embeddings only when M = 1), divided by M when ``average``; mHC uses the mean of
+    the M connections' matrices, and A = H_res_mlp @ H_res_attn.
+    """
+    cfg, m = model.config, len(layers)
+    if cfg.uses_lambdas:
+        h = model.resid_lambdas[layers].mean() * h + model.x0_lambdas[layers].mean() * x0
+    scale = 1.0 / m if average else 1.0
+
+    def attn(xn):
+        if m == 1:
+            return attention(model, layers[0], xn, idx)
+        plain = model.config.replace(no_ve=True)  # fused chunks drop value embeddings
+        saved, model.config = model.config, plain
+        try:
+            return sum(attention(model, l, xn, idx) for l in layers)
+        finally:
+            model.config = saved
+
+    def mlps(xn):
+        return sum(mlp(model, l, xn) for l in layers)
+
+    mixing = []
+    for name, branch in (("hc_attn", attn), ("hc_mlp", mlps)):
+        if not cfg.use_mhc:
+            h = h + scale * branch(rms(h[..., 0, :])).unsqueeze(-2)
+            continue
+        mats = [connection(model, getattr(model.transformer.h[l], name), h) for l in layers]
+        pre, post, res = (sum(c[i] for c in mats) / m for i in range(3))
+        pooled = torch.einsum("...n,...nd->...d", pre, h)
+        h = res @ h + post[..., None] * (scale * branch(rms(pooled))).unsqueeze(-2)
+        mixing.append(res)
+    return h, (mixing[1] @ mixing[0] if mixing else None)
+
+
+def head(model: GPT, h, mid):
+    """Logits from the last state h and the backout state mid, both (B, T, n, D)."""
+    cfg = model.config
+    x = h.sum(-2)
+    if cfg.backout:
+        x = x - model.backout_lambda * mid.sum(-2)
+    logits = (rms(x) @ model.lm_head.weight.T)[..., : cfg.vocab_size]
+    return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)

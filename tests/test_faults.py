@@ -27,7 +27,7 @@ import torch
 from snlp_lightning import build_model, snlp_forward, SolverPlan
 from snlp_lightning.checkpoint_io import AtomicCheckpointIO, NonFiniteWeights
 from snlp_lightning.errors import TEMP_RE, clean_stale_temps
-from snlp_lightning.models.gpt import TokenRangeError
+from snlp_lightning.models import TokenRangeError
 from snlp_lightning.solvers import PlanError
 
 from cli_helpers import ONE_THREAD, ROOT, TINY_MODEL, fit_args, snlp

@@ -9,8 +9,7 @@ import reference as ref
 from conftest import tiny_model, tokens
 from snlp_lightning import ConfigError, TokenRangeError, build_model, make_config
 from snlp_lightning.models.mhc import sinkhorn_log
-from snlp_lightning.models.stack import attention_branch, mlp_branch, stack_blocks, wide_block_forward
-from snlp_lightning.models.layers import rms_norm
+from snlp_lightning.models.nanochat import rms_norm
 
 TOL = 1e-10
 
@@ -35,7 +34,7 @@ def test_batched_blocks_equal_a_loop_over_blocks(preset):
     inputs, h0 = model.embed(idx)
     layers = [1, 2, 4, 5]
     states = torch.stack([h0 + 0.1 * k * torch.randn_like(h0) for k in range(len(layers))])  # a different input each
-    batched, surrogate = wide_block_forward(stack_blocks(model, [[l] for l in layers]), states, inputs)
+    batched, surrogate = model.stack([[l] for l in layers])(states, inputs)
     for g, layer in enumerate(layers):
         single, single_a = model.block(layer, states[g], inputs)
         assert (batched[g] - single).abs().max() < TOL
@@ -53,7 +52,7 @@ def test_fused_chunk_equals_spec_formula(preset_name):
     inputs, h0 = model.embed(idx)
     x = h0 + 0.3 * torch.randn_like(h0)
     chunk = [2, 3, 4]
-    fused, _ = wide_block_forward(stack_blocks(model, [chunk]), x.unsqueeze(0), inputs)
+    fused, _ = model.stack([chunk])(x.unsqueeze(0), inputs)
 
     if cfg.uses_lambdas:  # averaged lambdas, applied once to the chunk input
         x = model.resid_lambdas[chunk].mean() * x + model.x0_lambdas[chunk].mean() * h0
@@ -61,13 +60,13 @@ def test_fused_chunk_equals_spec_formula(preset_name):
     def attn_sum(xn):
         total = 0
         for layer in chunk:
-            one = stack_blocks(model, [[layer]])
+            one = model.stack([[layer]])
             one.ve_gate = None
-            total = total + attention_branch(one, xn.unsqueeze(0), inputs).squeeze(0)
+            total = total + one.attention(xn.unsqueeze(0), inputs).squeeze(0)
         return total
 
     def mlp_sum(xn):
-        return sum(mlp_branch(stack_blocks(model, [[layer]]), xn.unsqueeze(0)).squeeze(0) for layer in chunk)
+        return sum(model.stack([[layer]]).mlp(xn.unsqueeze(0)).squeeze(0) for layer in chunk)
 
     if cfg.use_mhc:
         hcs = [model.transformer.h[layer] for layer in chunk]
@@ -85,7 +84,7 @@ def test_fused_chunk_equals_spec_formula(preset_name):
 
 def test_fusion_concatenates_weights():
     model = tiny_model("plain")
-    wide = stack_blocks(model, [[0, 1], [2, 3]])
+    wide = model.stack([[0, 1], [2, 3]])
     d = model.config.n_embd
     assert wide.wq.shape == (2, 2 * d, d) and wide.wo.shape == (2, d, 2 * d) and wide.w_fc.shape == (2, 8 * d, d)
     assert torch.equal(wide.wo[1, :, d:], model.transformer.h[3].attn.c_proj.weight)
@@ -95,19 +94,19 @@ def test_one_by_f1_fusion_is_the_block_itself(preset):
     model = tiny_model(preset)
     idx = tokens()
     inputs, h0 = model.embed(idx)
-    out, _ = wide_block_forward(stack_blocks(model, [[3]]), h0.unsqueeze(0), inputs)
+    out, _ = model.stack([[3]])(h0.unsqueeze(0), inputs)
     assert (out.squeeze(0) - ref.block(model, 3, h0, h0, idx)).abs().max() < TOL
 
 
 def test_average_branches_divides_by_m():
     model = tiny_model("plain")
     inputs, h0 = model.embed(tokens())
-    summed, _ = wide_block_forward(stack_blocks(model, [[2, 3]]), h0.unsqueeze(0), inputs)
-    averaged, _ = wide_block_forward(stack_blocks(model, [[2, 3]], average_branches=True), h0.unsqueeze(0), inputs)
+    summed, _ = model.stack([[2, 3]])(h0.unsqueeze(0), inputs)
+    averaged, _ = model.stack([[2, 3]], average_branches=True)(h0.unsqueeze(0), inputs)
     assert (summed - averaged).abs().max() > 1e-3  # not the same model
-    one = stack_blocks(model, [[2, 3]], average_branches=True)
-    x_mid = h0 + 0.5 * attention_branch(one, rms_norm(h0[..., 0, :]).unsqueeze(0), inputs).squeeze(0).unsqueeze(-2)
-    expected = x_mid + 0.5 * mlp_branch(one, rms_norm(x_mid[..., 0, :]).unsqueeze(0)).squeeze(0).unsqueeze(-2)
+    one = model.stack([[2, 3]], average_branches=True)
+    x_mid = h0 + 0.5 * one.attention(rms_norm(h0[..., 0, :]).unsqueeze(0), inputs).squeeze(0).unsqueeze(-2)
+    expected = x_mid + 0.5 * one.mlp(rms_norm(x_mid[..., 0, :]).unsqueeze(0)).squeeze(0).unsqueeze(-2)
     assert (averaged.squeeze(0) - expected).abs().max() < TOL
 
 
@@ -118,7 +117,7 @@ def test_h_res_is_doubly_stochastic(preset_name):
     inputs, h0 = model.embed(idx)
     x = h0 + torch.randn_like(h0)
     for layer in range(model.config.n_layer):
-        wide = stack_blocks(model, [[layer]])
+        wide = model.stack([[layer]])
         for hc in (wide.hc_attn, wide.hc_mlp):
             _, _, res = hc.coefficients(x.unsqueeze(0))
             assert (res.sum(-1) - 1).abs().max() < 1e-5
@@ -133,7 +132,7 @@ def test_log_space_sinkhorn_equals_plain_sinkhorn():
 
 def test_initial_mhc_is_near_identity_mixing():
     model = build_model("mhc", n_layer=4, n_embd=32, n_head=2, n_kv_head=2, vocab_size=64, sequence_len=8)
-    res = stack_blocks(model, [[0]]).hc_attn.res[0]
+    res = model.stack([[0]]).hc_attn.res[0]
     assert (res - torch.eye(4)).abs().max() < 1e-3
 
 

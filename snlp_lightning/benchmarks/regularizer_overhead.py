@@ -14,7 +14,7 @@ Variants, with L the depth and N in {L/4, L/2, 3L/4}: lambda 0; IDN (plain) or H
 ``n_par_configs`` [L/4], [L/2], [3L/4] and [L/4, L/2, 3L/4]; DiagN with all three (``--diag``).
 Regularizer settings follow the quickstart configs: lambda 0.5, stride 2, HCN with a detached target.
 
-The regularizer's batched calls (``wide_block_forward`` called from ``snlp_lightning.regularizer``)
+The regularizer's batched calls (the stacks it builds with ``model.stack`` and calls once each)
 are counted during one extra step per variant: IDN / HCN should make one call per suffix config
 (all N blocks of that config in one call), DiagN two (F(x) and the no-grad F(x + eps z)).
 """
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import regularizer as reg_module
 from ..config import make_config
+from ..models.attention import set_cpu_kernel
 from ..module import SNLPModule
 from ..optim import OptimConfig, build_optimizer
 from ..regularizer import RegularizerConfig
@@ -77,19 +77,23 @@ def make_variants(preset: str, n_layer: int, diag: bool) -> list[Variant]:
 
 
 @contextlib.contextmanager
-def count_regularizer_calls(sink: list[int]):
-    """Append G (blocks in the call) for every ``wide_block_forward`` call made by the regularizer."""
-    original = reg_module.wide_block_forward
+def count_regularizer_calls(model, sink: list[int]):
+    """Append G (blocks in the call) for every batched call of the regularizer during a step.
 
-    def counting(blocks, x, inputs):  # x: (G, B, T, n, D)
-        sink.append(x.shape[0])
-        return original(blocks, x, inputs)
+    The regularizer stacks its suffix blocks with ``model.stack`` and calls each stack once (the
+    sequential trace goes through ``model.block``), so counting the stacks counts its calls.
+    """
+    original = model.stack
 
-    reg_module.wide_block_forward = counting
+    def counting(groups, average_branches: bool = False):
+        sink.append(len(groups))
+        return original(groups, average_branches)
+
+    model.stack = counting  # an instance attribute shadows the method for this model only
     try:
         yield sink
     finally:
-        reg_module.wide_block_forward = original
+        del model.stack
 
 
 def sync(device: torch.device) -> None:
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace, preset: str) -> list[Variant]:
         shift = r % len(variants)
         for v in variants[shift:] + variants[:shift]:
             if r == 0:
-                with count_regularizer_calls(v.calls):
+                with count_regularizer_calls(v.module.model, v.calls):
                     train_step(v, inputs, targets, r, amp)
                 continue
             sync(device)
@@ -178,7 +182,7 @@ def header(args: argparse.Namespace, preset: str) -> str:
     return (
         f"\n### {preset}: L = {args.depth}, d = {args.width}, {args.heads} heads, vocab {args.vocab}, "
         f"batch {args.batch} x {args.seq} tokens\n\n"
-        f"device {name}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {name}, dtype {args.dtype}, CPU attention {args.cpu_attention}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.steps} timed steps per config after {args.warmup} warm-up (+1 counted) steps, interleaved\n"
     )
 
@@ -197,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast dtype (float32: none)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--cpu-attention", choices=["math", "fast"], default="math",
+                   help="CPU attention kernel (models/attention.py): math = the recorded numbers, fast = SDPA's flash kernel")
     p.add_argument("--no-diag", dest="diag", action="store_false", help="skip the DiagN row (plain model)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Variant]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_cpu_kernel(args.cpu_attention)
     results = {}
     for preset in args.preset:
         diag_args = argparse.Namespace(**{**vars(args), "diag": args.diag and preset == "plain"})

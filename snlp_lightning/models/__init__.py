@@ -1,6 +1,37 @@
-"""Model families: nanochat GPT and mHC, their batched / fused block evaluation, checkpoint I/O."""
+"""Model families and their registry.
 
-from .gpt import GPT, TokenRangeError
-from .stack import BlockInputs, WideBlocks, stack_blocks, wide_block_forward
+A family is one file whose model class supplies what the solvers, the regularizer, the decoder,
+export and the metrics use, and nothing else:
 
-__all__ = ["GPT", "TokenRangeError", "BlockInputs", "WideBlocks", "stack_blocks", "wide_block_forward"]
+    h0 = model.embed(tokens, positions, prev)  -> (BlockInputs, (B, T, n, D))
+    blocks = model.stack(groups)               -> a stack of any grouping of layers, fused per group
+    out, A = blocks(x, inputs, cache=None)     -> all G wide blocks in one call; A = surrogate (None: I)
+    blocks.write_cache(x, inputs, cache)       -> the k, v of inputs x into a KV cache
+    logits = model.head(h_last, h_backout)
+
+A new family adds its file and one line to ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .mhc import MHCGPT
+from .nanochat import GPT, BlockInputs, TokenRangeError, WideBlocks
+
+FAMILIES: dict[str, type[GPT]] = {
+    "nanochat": GPT,
+    "mhc": MHCGPT,
+}
+
+
+def family_name(config: ModelConfig) -> str:
+    """The registry key of a config's family."""
+    return "mhc" if config.use_mhc else "nanochat"
+
+
+def build(config: ModelConfig) -> GPT:
+    """A freshly initialised model of the config's family."""
+    return FAMILIES[family_name(config)](config)
+
+
+__all__ = ["FAMILIES", "GPT", "MHCGPT", "BlockInputs", "TokenRangeError", "WideBlocks", "build", "family_name"]

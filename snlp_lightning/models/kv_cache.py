@@ -1,15 +1,19 @@
-"""Static, preallocated KV cache attention for decoding (spec section 6).
+"""The static KV cache of decoding (spec section 6): buffers plus one ``update``, as in gpt-fast.
 
-Cache layout: (G, M, B, Hkv, Tmax, hd) for G (wide) blocks of M fused layers. Layer-by-layer
-stacks use M = 1; a fused chunk of M layers reads its M layers' kv heads as one M * Hkv-head
-cache, so the per-layer cache of all L layers, viewed as (L, 1, ...), and the chunk caches of a
-fused plan, viewed as (C, M, ...), are the same memory.
+    cache = KVCache(k, v, masks, mask_windows)     # tensors owned by the decoder (or graph inputs)
+    keys, values = cache.update(first_layer, positions, k_new, v_new)
+    y = cache.attend(q, keys, values, positions, windows)
 
-Every position is absolute and given per row, ``positions`` (B, T), so rows of a batch may sit at
-different lengths (self-speculative decoding accepts a different number of tokens per row).
-A call writes its own k, v at its positions, then attends over every cached key at or before each
-query (and inside its sliding window). Entries past a row's position are stale but never read, so
-rolling a row back is just decoding from an earlier position again.
+Layout: k, v of shape (B, L, Hkv, Tmax, hd). Consecutive layers ``first .. first + G * M - 1`` (G
+wide blocks of M fused layers) are then one (B, G * M * Hkv, Tmax, hd) view, so attention over
+them is one 4-D SDPA call with the groups merged into the head axis.
+
+Every position is absolute and given per row, ``positions`` (B, T), so rows may sit at different
+lengths (self-speculative decoding accepts a different number of tokens per row). A call writes
+its own k, v at its positions, then attends over every cached key at or before each query (and
+inside its window). Entries past a row's position are stale but never read, so rolling a row back
+is decoding from an earlier position again. The masks are precomputed tables (one (Tmax, Tmax)
+band per distinct window) that a step only indexes with its positions.
 """
 
 from __future__ import annotations
@@ -21,80 +25,73 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def new_cache(layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> Tensor:
-    """A zeroed cache for ``layers`` single layers: (layers, 1, batch, kv_heads, max_len, head_dim)."""
-    return torch.zeros(layers, 1, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+def mask_tables(windows: list[int], max_len: int, device) -> tuple[Tensor, tuple[int, ...]]:
+    """One (Tmax, Tmax) boolean band per distinct window, True = may attend: ((W, Tmax, Tmax), the windows)."""
+    distinct = tuple(sorted({min(w, max_len - 1) for w in windows}))
+    pos = torch.arange(max_len, device=device)
+    dist = pos[:, None] - pos[None, :]
+    tables = torch.stack([(dist >= 0) & (dist <= w) for w in distinct])
+    return tables, distinct
 
 
 @dataclass(frozen=True)
-class StackCache:
-    """The KV cache of a stack of G wide blocks of M fused layers: layers ``start`` ..
-    ``start + G * M - 1`` of the whole per-layer caches ``k``, ``v`` (L, 1, B, Hkv, Tmax, hd).
-
-    Writes go into the whole tensors with one ``index_put_`` each, never through a view of them:
-    under torch.compile a write through a view is functionalized into a scatter of the view back
-    into its base, which inductor materialises as a copy of the whole cache on every step (it made
-    compiled batch-8 decoding slower than eager). Reads are views: ``keys()`` / ``values()``.
-    """
+class KVCache:
+    """k, v: (B, L, Hkv, Tmax, hd); masks: (W, Tmax, Tmax) from ``mask_tables``; mask_windows: their windows."""
 
     k: Tensor
     v: Tensor
-    start: int
-    groups: int
-    fuse: int = 1
+    masks: Tensor
+    mask_windows: tuple[int, ...]
 
-    def take(self, start: int, stop: int) -> "StackCache":
-        """The cache of wide blocks start .. stop - 1 of this stack."""
-        return StackCache(self.k, self.v, self.start + start * self.fuse, stop - start, self.fuse)
+    @staticmethod
+    def allocate(batch: int, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> tuple[Tensor, Tensor]:
+        """Zeroed k, v buffers (B, L, Hkv, Tmax, hd)."""
+        shape = (batch, layers, kv_heads, max_len, head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    def _view(self, whole: Tensor) -> Tensor:
-        stop = self.start + self.groups * self.fuse
-        return whole[self.start : stop].view(self.groups, self.fuse, *whole.shape[2:])
+    def layers(self, first: int, count: int) -> "KVCache":
+        """Layers first .. first + count - 1 as a cache of their own (views of k and v, read and
+        written in place). For compiled regions (``export.compiled``): the view is made outside the
+        compiled code and is the region's input, so inside it ``update`` still writes a whole tensor."""
+        return KVCache(self.k[:, first : first + count], self.v[:, first : first + count], self.masks, self.mask_windows)
 
-    def keys(self) -> Tensor:
-        """(G, M, B, Hkv, Tmax, hd), a view."""
-        return self._view(self.k)
+    def update(self, first: int, positions: Tensor, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (G, B, T, M * Hkv, hd) of layers first .. first + G * M - 1 at ``positions`` (B, T).
 
-    def values(self) -> Tensor:
-        """(G, M, B, Hkv, Tmax, hd), a view."""
-        return self._view(self.v)
+        Returns those layers' keys and values, (B, G * M * Hkv, Tmax, hd) views. The write is one
+        ``index_put_`` into the whole tensor (whatever the compiled graph takes as its input: the
+        whole cache in a graph of a whole step, a ``layers`` view in a region), never through a
+        view made inside the graph: under torch.compile a write through a view becomes a scatter of
+        the view into its base, which inductor materialises as a copy of the whole cache every step.
+        """
+        g, b, t, heads, hd = k_new.shape
+        hkv = self.k.size(2)
+        fuse = heads // hkv
+        device = self.k.device
+        row = torch.arange(b, device=device).view(1, b, 1, 1, 1)
+        layer = (first + torch.arange(g * fuse, device=device)).view(g, 1, 1, fuse, 1)
+        head = torch.arange(hkv, device=device).view(1, 1, 1, 1, hkv)
+        index = (row, layer, head, positions.view(1, b, t, 1, 1))
+        self.k.index_put_(index, k_new.view(g, b, t, fuse, hkv, hd).to(self.k.dtype))
+        self.v.index_put_(index, v_new.view(g, b, t, fuse, hkv, hd).to(self.v.dtype))
+        stop = first + g * fuse
+        t_max = self.k.size(3)
+        return self.k[:, first:stop].view(b, -1, t_max, hd), self.v[:, first:stop].view(b, -1, t_max, hd)
 
-    def write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
-        """Write k, v (G, B, T, M * Hkv, hd) of this stack's layers at ``positions`` (B, T)."""
-        _write(self.k, k_new, positions, self.start, self.fuse)
-        _write(self.v, v_new, positions, self.start, self.fuse)
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, windows: tuple[tuple[int, ...], ...]) -> Tensor:
+        """Attention of new queries over the cache (which already holds their own k, v).
 
-
-def _write(whole: Tensor, new: Tensor, positions: Tensor, start: int, fuse: int) -> None:
-    """whole (L, 1, B, Hkv, Tmax, hd)[start + g * M + m, 0, b, h, positions[b, t]] = new[g, b, t, m * Hkv + h]."""
-    g, b, t, _, hd = new.shape
-    h = whole.size(3)
-    device = whole.device
-    layer = (start + torch.arange(g * fuse, device=device)).view(g, 1, 1, fuse, 1)
-    row = torch.arange(b, device=device).view(1, b, 1, 1, 1)
-    head = torch.arange(h, device=device).view(1, 1, 1, 1, h)
-    index = (layer, torch.zeros_like(row), row, head, positions.view(1, b, t, 1, 1))
-    whole.index_put_(index, new.view(g, b, t, fuse, h, hd).to(whole.dtype))
-
-
-def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, windows: tuple[tuple[int, ...], ...]) -> Tensor:
-    """Attention of new queries over the cache (which already holds their own k, v).
-
-    q: (G, B, T, M * nh, hd) at ``positions`` (B, T); caches: (G, M, B, Hkv, Tmax, hd); windows: G rows
-    of M * nh per-head left windows (query at p sees keys p - w .. p). Returns (G, B, T, M * nh, hd).
-    """
-    g, m, b, hkv, t_max, hd = k_cache.shape
-    t = q.size(2)
-    nh = q.size(3) // m
-    q = q.view(g, b, t, m, nh, hd).permute(0, 3, 1, 4, 2, 5).reshape(g * m * b, nh, t, hd)
-    dist = positions[:, :, None] - torch.arange(t_max, device=positions.device)  # (B, T, Tmax)
-    allowed = (dist >= 0).view(1, 1, b, 1, t, t_max)
-    if min(min(row) for row in windows) < t_max - 1:  # some head's window is shorter than the cache
-        width = torch.tensor(windows, device=q.device).view(g, m, 1, nh, 1, 1)
-        allowed = allowed & (dist.view(1, 1, b, 1, t, t_max) <= width)
-    allowed = allowed.expand(g, m, b, allowed.size(3), t, t_max).reshape(g * m * b, -1, t, t_max)
-    y = F.scaled_dot_product_attention(
-        q, k_cache.view(g * m * b, hkv, t_max, hd), v_cache.view(g * m * b, hkv, t_max, hd),
-        attn_mask=allowed, enable_gqa=nh != hkv,
-    )
-    return y.view(g, m, b, nh, t, hd).permute(0, 2, 4, 1, 3, 5).reshape(g, b, t, m * nh, hd)
+        q: (G, B, T, M * nh, hd) at ``positions`` (B, T); keys, values: from ``update``; windows: G rows
+        of M * nh per-head left windows. Returns (G, B, T, M * nh, hd).
+        """
+        g, b, t, hq, hd = q.shape
+        t_max = keys.size(2)
+        heads = q.permute(1, 0, 3, 2, 4).reshape(b, g * hq, t, hd)  # groups into the head axis
+        flat = [min(w, t_max - 1) for row in windows for w in row]
+        if len(set(flat)) == 1:
+            mask = self.masks[self.mask_windows.index(flat[0])][positions].unsqueeze(1)  # (B, 1, T, Tmax)
+        else:
+            index = torch.tensor([self.mask_windows.index(w) for w in flat], device=q.device)
+            mask = self.masks[index][:, positions].transpose(0, 1)  # (B, G * Hq, T, Tmax)
+        y = F.scaled_dot_product_attention(heads, keys, values, attn_mask=mask, enable_gqa=heads.size(1) != keys.size(1))
+        return y.view(b, g, hq, t, hd).permute(1, 0, 3, 2, 4)

@@ -1,23 +1,35 @@
-"""Manifold-constrained hyper-connections (mHC): Sinkhorn, and the per-sub-layer H_pre / H_post / H_res.
+"""The mHC family: nanochat's blocks joined by manifold-constrained hyper-connections.
 
-A sub-layer with connection (H_pre, H_post, H_res) maps the n-stream state X (..., n, D) to
+The hidden state has n streams, X (B, T, n, D). A sub-layer with connection (H_pre, H_post, H_res)
+maps it to
 
     X' = H_res @ X + H_post[:, None] * branch(norm(H_pre @ X))
 
+with nanochat's attention and MLP as the branches (``nanochat.WideBlocks``). A block's surrogate
+Jacobian for HCN is A = H_res_mlp @ H_res_attn, acting on the stream axis.
+
 Static variant (the paper's): the three come from learned logits (softmax, softmax, Sinkhorn).
 Dynamic variant (DeepSeek's): they come from the RMS-normed flattened input,
-``alpha * (x' phi) + b``, with sigmoid, 2 * sigmoid and Sinkhorn.
+``alpha * (x' phi) + b``, with sigmoid, 2 * sigmoid and Sinkhorn. A fused chunk of M blocks uses
+the mean of its blocks' H matrices.
+
+Initialisation, on top of nanochat's table: H_res logits 0 on the diagonal and -0.5 elsewhere
+(near identity after Sinkhorn), H_pre logits 0 on stream (2 l + sub-layer) mod n and -1 elsewhere,
+H_post logits 0; dynamic: phi normal with std (n D)^-0.5, alpha 0.01, biases as the static logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import rms_norm
+from ..config import ConfigError, ModelConfig
+from .kv_cache import KVCache
+from .nanochat import GPT, Block, BlockInputs, WideBlocks, rms_norm
 
 
 def sinkhorn_log(logits: Tensor, iters: int, tau: float) -> Tensor:
@@ -124,6 +136,11 @@ class ConnectionStack:
     def dynamic(self) -> bool:
         return self.phi_pre is not None
 
+    def take(self, start: int, stop: int) -> "ConnectionStack":
+        """Groups start .. stop - 1 (views)."""
+        cut = {k: getattr(self, k) for k in ("pre", "post", "res", "phi_pre", "phi_post", "phi_res", "alpha", "b_pre", "b_post", "b_res")}
+        return ConnectionStack(self.iters, self.tau, **{k: None if v is None else v[start:stop] for k, v in cut.items()})
+
     def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (G, B, T, n, D) -> H_pre (G, b, t, n), H_post (G, b, t, n), H_res (G, b, t, n, n).
 
@@ -168,3 +185,76 @@ def stack_connections(groups: list[list[nn.Module]], iters: int, tau: float) -> 
         tau,
         **{name: gather(name) for name in ("phi_pre", "phi_post", "phi_res", "alpha", "b_pre", "b_post", "b_res")},
     )
+
+
+# -- the family: blocks with two connections, wide blocks that mix streams, the model -------------
+class MHCBlock(Block):
+    """A nanochat block plus one connection per sub-layer (H_pre starts on streams 2l, 2l + 1 mod n)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        n = cfg.mhc_num_streams
+        streams = ((2 * layer) % n, (2 * layer + 1) % n)
+        if cfg.mhc_variant == "static":
+            self.hc_attn = StaticHyperConnection(n, streams[0])
+            self.hc_mlp = StaticHyperConnection(n, streams[1])
+        else:
+            self.hc_attn = DynamicHyperConnection(n, cfg.n_embd, streams[0])
+            self.hc_mlp = DynamicHyperConnection(n, cfg.n_embd, streams[1])
+
+    @torch.no_grad()
+    def init_weights(self, bound: float) -> None:
+        super().init_weights(bound)
+        self.hc_attn.reset_parameters()
+        self.hc_mlp.reset_parameters()
+
+    @staticmethod
+    def stack_type() -> type["MHCWideBlocks"]:
+        return MHCWideBlocks
+
+
+@dataclass
+class MHCWideBlocks(WideBlocks):
+    """nanochat's wide blocks plus the stacked connections of their two sub-layers."""
+
+    hc_attn: ConnectionStack | None = None
+    hc_mlp: ConnectionStack | None = None
+
+    @classmethod
+    def build(cls, blocks, cfg: ModelConfig, lambdas, average_branches: bool = False, **extra):
+        iters, tau = cfg.mhc_sinkhorn_iters, cfg.mhc_sinkhorn_tau
+        return super().build(
+            blocks, cfg, lambdas, average_branches,
+            hc_attn=stack_connections([[b.hc_attn for b in g] for g in blocks], iters, tau),
+            hc_mlp=stack_connections([[b.hc_mlp for b in g] for g in blocks], iters, tau),
+            **extra,
+        )
+
+    def __call__(self, x: Tensor, inputs: BlockInputs, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        """x: (G, B, T, n, D) -> (F(x), A = H_res_mlp @ H_res_attn of shape (G, b, t, n, n)), b = t = 1 when static."""
+        x = self.blend(x, inputs)
+        x, res_attn = self.sublayer(x, self.hc_attn, lambda xn: self.attention(xn, inputs, cache))
+        x, res_mlp = self.sublayer(x, self.hc_mlp, self.mlp)
+        return x, torch.matmul(res_mlp, res_attn)
+
+    def sublayer(self, x: Tensor, hc: ConnectionStack, branch: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """H_res @ x + H_post * branch(norm(H_pre . x)) on x (G, B, T, n, D); returns (x', H_res)."""
+        pre, post, res = hc.coefficients(x)
+        out = self.scaled(branch(rms_norm((pre.unsqueeze(-1) * x).sum(-2))))
+        return torch.matmul(res, x) + post.unsqueeze(-1) * out.unsqueeze(-2), res
+
+    def attention_input(self, x: Tensor) -> Tensor:
+        pre, _, _ = self.hc_attn.coefficients(x)
+        return rms_norm((pre.unsqueeze(-1) * x).sum(-2))
+
+
+class MHCGPT(GPT):
+    """An mHC Transformer: nanochat's model with n-stream hidden states (summed before the head)."""
+
+    family = "mhc"
+    block_type = MHCBlock
+
+    def __init__(self, config: ModelConfig):
+        if not config.use_mhc:
+            raise ConfigError("MHCGPT needs an mHC config (use_mhc=True); build_model(config) picks the family")
+        super().__init__(config)

@@ -18,18 +18,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, ModelConfig
-from ..errors import UserError, atomic_file, atomic_write_text, first_line, path_kind
-from .gpt import GPT
+from ..config import ModelConfig, nanochat_files, nanochat_meta_config
+from ..errors import CheckpointError, atomic_file, atomic_write_text, first_line, non_finite_entries
+from . import build
+from .nanochat import GPT
 
-# nanochat GPTConfig fields that do not change the logits of the base model.
-IGNORED_CONFIG_FIELDS = ("num_mtp_steps", "mtp_loss_weight")
 IGNORED_KEY_PREFIXES = ("mtp_projs.",)
 VOCAB_ROW_KEYS = ("transformer.wte.weight", "lm_head.weight")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or does not fit; the message names the file or keys."""
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
@@ -37,70 +32,16 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-# Sizes a nanochat config must state: our defaults are not nanochat's, so a missing one is an error.
-REQUIRED_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-
-
-def non_finite_entries(state: Mapping, limit: int = 3) -> list[str]:
-    """Names of floating-point tensors in ``state`` holding NaN / inf (at most ``limit``)."""
-    bad = []
-    for name, value in state.items():
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad.append(name)
-            if len(bad) == limit:
-                break
-    return bad
-
-
-def config_from_nanochat(fields: Mapping) -> ModelConfig:
-    """nanochat's GPTConfig dict (plus our extension fields) -> ModelConfig."""
-    if not isinstance(fields, Mapping):
-        raise ConfigError(f"a nanochat model config must be a mapping of GPTConfig fields, got {type(fields).__name__}")
-    missing = [k for k in REQUIRED_CONFIG_FIELDS if k not in fields]
-    if missing:
-        raise ConfigError(f"the model config lacks {', '.join(missing)}; a nanochat GPTConfig states all of {', '.join(REQUIRED_CONFIG_FIELDS)}")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    fields = {k: v for k, v in fields.items() if k not in IGNORED_CONFIG_FIELDS}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"unknown model config field(s) {unknown}; allowed: {sorted(known)}")
-    # nanochat's own model always has smear and backout; its mHC is the static variant.
-    fields = {"smear": True, "backout": True, "mhc_variant": "static", **fields}
-    return ModelConfig(**fields)
-
-
-def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+def _read_checkpoint(path: Path) -> tuple[dict, ModelConfig]:
     """A model_*.pt file (meta_*.json beside it) or a folder holding one -> (state dict, config)."""
-    if path.is_dir():
-        candidates = sorted(path.glob("model_*.pt"))
-        if not candidates:
-            raise CheckpointError(f"no model_*.pt checkpoint in {path}")
-        path = candidates[-1]
-    kind = path_kind(path)
-    if kind == "missing":
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if kind != "a file":
-        raise CheckpointError(f"checkpoint {path} is {kind}, not a nanochat model_*.pt file")
-    if path.suffix == ".ckpt":
-        raise CheckpointError(f"{path} is a checkpoint of snlp fit: resume it with --ckpt_path; a nanochat model_*.pt goes here")
-    meta = path.with_name(path.name.replace("model_", "meta_", 1)).with_suffix(".json")
-    if not meta.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {meta.name} beside it (needed for the model config)")
+    path, meta = nanochat_files(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {type(err).__name__}: {first_line(err)}") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    try:
-        config = json.loads(meta.read_text(encoding="utf-8"))["model_config"]
-    except (ValueError, KeyError, TypeError) as err:  # ValueError: bad JSON or not UTF-8
-        raise CheckpointError(f"{meta} is not a nanochat meta file with a 'model_config' entry ({first_line(err)})") from None
-    try:
-        config_from_nanochat(config)
-    except ConfigError as err:
-        raise CheckpointError(f"{meta}: {err}") from None
-    return dict(state), config
+    return dict(state), nanochat_meta_config(meta)
 
 
 def load_nanochat(source: Mapping | str | os.PathLike, config: Mapping | ModelConfig | None = None) -> GPT:
@@ -122,11 +63,11 @@ def load_nanochat(source: Mapping | str | os.PathLike, config: Mapping | ModelCo
         raise CheckpointError(f"load_nanochat takes a checkpoint path or a state dict, got {type(source).__name__}")
     if not isinstance(config, (ModelConfig, Mapping)):
         raise CheckpointError(f"config must be a ModelConfig or a mapping of GPTConfig fields, got {type(config).__name__}")
-    cfg = config if isinstance(config, ModelConfig) else config_from_nanochat(config)
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_nanochat(config)
     bad = non_finite_entries(state)
     if bad:
         raise CheckpointError(f"{where or 'the state dict '}holds NaN/inf weights ({', '.join(bad)}): it cannot be used")
-    model = GPT(cfg)
+    model = build(cfg)
     expected = model.state_dict()
 
     cleaned: dict[str, Tensor] = {}

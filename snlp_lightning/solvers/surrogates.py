@@ -16,8 +16,10 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..models.stack import BlockInputs, WideBlocks, wide_block_forward
+from ..models import BlockInputs, WideBlocks
+from ..models.kv_cache import KVCache
 from .plan import SolverPlan
 
 
@@ -38,9 +40,9 @@ def rademacher(like: Tensor, generator: torch.Generator | None = None) -> Tensor
 class Surrogate:
     """Identity Newton (IDN): A = I, so the recurrence is a prefix sum over depth."""
 
-    def evaluate(self, blocks: WideBlocks, x_in: Tensor, inputs: BlockInputs):
+    def evaluate(self, blocks: WideBlocks, x_in: Tensor, inputs: BlockInputs, cache: KVCache | None = None):
         """x_in: (C, B, T, n, D) chunk inputs -> (F(x_in), what ``correct`` needs to apply A)."""
-        return wide_block_forward(blocks, x_in, inputs)
+        return blocks(x_in, inputs, cache)
 
     def correct(self, base: Tensor, info, blocks: WideBlocks, x_in: Tensor, inputs: BlockInputs) -> Tensor:
         return torch.cumsum(base, dim=0)
@@ -77,23 +79,25 @@ class DiagonalNewton(Surrogate):
     def __init__(self, probes: int, eps: float, estimator: str, generator: torch.Generator | None = None):
         self.probes, self.eps, self.estimator, self.generator = probes, eps, estimator, generator
 
-    def evaluate(self, blocks, x_in, inputs):
+    def evaluate(self, blocks, x_in, inputs, cache=None):
+        if cache is not None:
+            raise ValueError("DiagN evaluates doubled batches; it does not decode over a KV cache")
         probes = [rademacher(x_in, self.generator) for _ in range(self.probes)]
         if self.estimator == "fd":
             batch = x_in.size(1)
             stacked = torch.cat([x_in] + [x_in + self.eps * z for z in probes], dim=1)
-            out, _ = wide_block_forward(blocks, stacked, inputs)
+            out, _ = blocks(stacked, inputs)
             f_x = out[:, :batch]
             diags = [z * (out[:, (i + 1) * batch : (i + 2) * batch] - f_x) / self.eps for i, z in enumerate(probes)]
             return f_x, torch.stack(diags).mean(0)
         with torch.enable_grad():
             x_req = x_in.detach().requires_grad_(True)
-            f_req, _ = wide_block_forward(blocks, x_req, inputs)
+            f_req, _ = blocks(x_req, inputs)
             diags = []
             for i, z in enumerate(probes):
                 (jtz,) = torch.autograd.grad(f_req, x_req, z, retain_graph=i + 1 < len(probes))
                 diags.append(z * jtz)
-        f_x, _ = wide_block_forward(blocks, x_in, inputs)  # differentiable F for the caller's graph
+        f_x, _ = blocks(x_in, inputs)  # differentiable F for the caller's graph
         return f_x, torch.stack(diags).mean(0).detach()
 
     def correct(self, base, info, blocks, x_in, inputs):
@@ -108,8 +112,10 @@ class ExactNewton(Surrogate):
             chunk = blocks.select(c)
             # A private input cache, so nothing built inside the transform is kept outside it.
             local = dataclasses.replace(inputs, _ve_stacks={})
-            fn = lambda x: wide_block_forward(chunk, x.unsqueeze(0), local)[0].squeeze(0)  # noqa: E731
-            return torch.func.jvp(fn, (x_in[c],), (d,))[1]
+            fn = lambda x: chunk(x.unsqueeze(0), local)[0].squeeze(0)  # noqa: E731
+            # Forward-mode AD through attention exists only in SDPA's math kernel.
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.func.jvp(fn, (x_in[c],), (d,))[1]
 
         return linear_scan(base, jvp)
 
