@@ -290,7 +290,7 @@ def full_forward(model, plans, length, device, dtype, args) -> list[dict]:
     decoders = {str(plan): make(plan) for plan in plans}
     with torch.inference_mode():  # inputs made here too: compiled graphs guard on inference-mode tensors
         inputs = example_inputs(seq, length)
-        eager_ms = time_ms(lambda: seq.prefill_exact(*inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
+        eager_ms = time_ms(partial(seq.prefill_exact, *inputs), device, max(args.warmup // 10, 1), max(args.iters // 5, 3))
         regional = _regional(device)
         steps = {"seq": (compile_step(seq, "prefill_exact", regional=regional), seq)}
         steps.update({name: (compile_step(d, "decode", regional=regional), d) for name, d in decoders.items()})

@@ -29,8 +29,9 @@ from snlp_lightning.models.kv_cache import KVCache
 from .decoder import LayerParallelDecoder, example_inputs
 from .runtime import Step
 
-# Every decoder (one per plan) compiles the same Python code with a different `self`, which dynamo
-# counts as recompiles of one frame: commands that compile several plans call
+# Every region shape (and, with regional=False, every decoder) compiles the same Python code once
+# more, which dynamo counts as recompiles of one frame (default limit 8, past which it runs new
+# shapes uncompiled): commands that compile several plans call
 # snlp_lightning.compat.raise_dynamo_limits() at entry (global state, set by entry points only).
 
 

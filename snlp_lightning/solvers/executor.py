@@ -49,7 +49,10 @@ def chunk_sequential(chunks: WideBlocks, h_init: Tensor, inputs: BlockInputs, ca
 
 
 def _check_finite(x: Tensor, plan: SolverPlan, k: int) -> None:
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+    # A host sync: skipped inside compiled graphs and while a CUDA graph is being captured.
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if not bool(torch.isfinite(x).all()):
         raise SolverDivergence(f"plan '{plan}' diverged: NaN/inf in the iterate after iteration {k}")
 
 
