@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import band_mask
+
 
 def mask_tables(windows: list[int], max_len: int, device) -> tuple[Tensor, tuple[int, ...]]:
     """One (Tmax, Tmax) boolean band per distinct window, True = may attend: ((W, Tmax, Tmax), the windows)."""
     distinct = tuple(sorted({min(w, max_len - 1) for w in windows}))
-    pos = torch.arange(max_len, device=device)
-    dist = pos[:, None] - pos[None, :]
-    tables = torch.stack([(dist >= 0) & (dist <= w) for w in distinct])
-    return tables, distinct
+    return band_mask(distinct, max_len, device), distinct
 
 
 @dataclass(frozen=True)
