@@ -15,6 +15,7 @@ from snlp_lightning.config import ModelConfig
 from snlp_lightning.errors import UserError, path_kind
 from snlp_lightning.models import GPT, build
 from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
+from snlp_lightning.regularizer import fold_spectral_norm
 
 MODEL_PREFIX = "model."
 NANOCHAT_HINT = "a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it), or a folder holding one"
@@ -55,6 +56,7 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
     model = build(ModelConfig.from_checkpoint(path, checkpoint))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    state = fold_spectral_norm(state)  # a run trained with spectral_norm: its normalised weights, as plain ones
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensor shapes that do not fit the config

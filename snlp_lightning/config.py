@@ -60,6 +60,10 @@ class ModelConfig:
     rope_base: float = 100000.0
     logit_softcap: float = 15.0
     pad_vocab_to: int = 64
+    # Multi-token prediction (training only): k heads, head k predicting the token k + 1 steps
+    # beyond the next one from the same hidden state; their CE is added with mtp_loss_weight each.
+    num_mtp_steps: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +116,11 @@ class ModelConfig:
         for name in ("no_x0_resid", "no_ve", "smear", "backout", "use_mhc"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if not isinstance(self.num_mtp_steps, int) or isinstance(self.num_mtp_steps, bool) or self.num_mtp_steps < 0:
+            raise bad("num_mtp_steps", "must be an integer >= 0 (0 = no multi-token prediction heads)")
+        if isinstance(self.mtp_loss_weight, bool) or not isinstance(self.mtp_loss_weight, (int, float)) \
+                or not math.isfinite(self.mtp_loss_weight) or self.mtp_loss_weight < 0:
+            raise bad("mtp_loss_weight", "must be a finite number >= 0")
         for name in ("rope_base", "logit_softcap", "mhc_sinkhorn_tau"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -196,8 +205,6 @@ class ModelConfig:
 
 
 # -- where a nanochat checkpoint keeps its config -------------------------------------------------
-# nanochat GPTConfig fields that do not change the logits of the base model.
-IGNORED_NANOCHAT_FIELDS = ("num_mtp_steps", "mtp_loss_weight")
 # Sizes a nanochat config must state: our defaults are not nanochat's, so a missing one is an error.
 REQUIRED_NANOCHAT_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
@@ -210,7 +217,6 @@ def _from_nanochat_fields(fields: Mapping) -> ModelConfig:
     if missing:
         raise ConfigError(f"the model config lacks {', '.join(missing)}; a nanochat GPTConfig states all of {', '.join(REQUIRED_NANOCHAT_FIELDS)}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    fields = {k: v for k, v in fields.items() if k not in IGNORED_NANOCHAT_FIELDS}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ConfigError(f"unknown model config field(s) {unknown}; allowed: {sorted(known)}")
@@ -286,6 +292,7 @@ NAMED_MODELS: dict[str, dict] = {
     "paper-0.5b": {**PRESETS["nanochat"], **PAPER_SIZES["0.5b"]},
     "paper-0.5b-plain": {**PRESETS["plain"], **PAPER_SIZES["0.5b"], "window_pattern": "SSSL"},
     "paper-0.5b-mhc": {**PRESETS["mhc"], **PAPER_SIZES["0.5b"], "window_pattern": "SSSL"},
+    "paper-0.5b-mtp": {**PRESETS["nanochat"], **PAPER_SIZES["0.5b"], "num_mtp_steps": 1, "mtp_loss_weight": 0.3},
     "paper-3b": {**PRESETS["nanochat"], **PAPER_SIZES["3b"]},
 }
 

@@ -29,7 +29,16 @@ from .models import GPT, build
 from .metrics import plan_metrics
 from .models.nanochat_io import CheckpointError, load_nanochat
 from .optim import OptimConfig, build_optimizer
-from .regularizer import RegularizerConfig, diag_probes, snlp_regularizer, warmup_weight
+from .regularizer import (
+    JACOBI_SEED_OFFSET,
+    RegularizerConfig,
+    apply_spectral_norm,
+    check_spectral_norm,
+    diag_probes,
+    jacobi_vectors,
+    snlp_regularizer,
+    warmup_weight,
+)
 from .solvers import SolverPlan, snlp_forward
 
 
@@ -74,6 +83,9 @@ class SNLPModule(L.LightningModule):
             self.model = build(config)
         self.config = config
         self.regularizer = regularizer.validate(config)
+        if self.regularizer.spectral_norm:  # before the optimizer and any checkpoint load see the parameters
+            apply_spectral_norm(self.model)
+        self._spectral_checked = not self.regularizer.spectral_norm  # zero weights: checked at the first step
         self.optim_config = optim.validate()
         self.plans = [SolverPlan.parse(p).validate(config) for p in eval_plans]
         self.probe_seed = probe_seed
@@ -128,10 +140,10 @@ class SNLPModule(L.LightningModule):
                 f"trainer.strategy {type(strategy).__name__} without use_orig_params=True is not supported: "
                 "use --trainer.strategy fsdp (snlp_lightning.strategy.BlockFSDPStrategy)"
             )
-        if fitting and self.optim_config.optimizer == "muon_adamw":
+        if fitting and self.optim_config.optimizer != "adamw":
             raise ConfigError(
-                "optim.optimizer='muon_adamw' does not work under FSDP (torch's Muon needs whole 2-D matrices, "
-                "FSDP shards them): set --model.optim.optimizer adamw"
+                f"optim.optimizer={self.optim_config.optimizer!r} does not work under FSDP (Muon orthogonalises whole "
+                "2-D matrices, FSDP shards them): set --model.optim.optimizer adamw"
             )
         return True
 
@@ -139,25 +151,43 @@ class SNLPModule(L.LightningModule):
     def compute_losses(self, inputs: torch.Tensor, targets: torch.Tensor, reg_weight: torch.Tensor, step: int) -> dict:
         """CE of the sequential model plus the weighted regularizer. inputs, targets: (B, T).
 
-        The DiagN probes are drawn here from (probe_seed, step), outside the compiled graph, so
-        ``compile: true`` compiles once and does not recompile for every step.
+        The DiagN probes and the Jacobi vectors are drawn here from (probe_seed, step), outside the
+        compiled graph (on the CPU, each from its own generator), so ``compile: true`` compiles once
+        and does not recompile for every step.
         """
-        probes = None
+        if not self._spectral_checked:  # after any checkpoint load: all-zero weights would give NaN
+            if not self.per_block:  # under FSDP each rank holds shards: not checked
+                check_spectral_norm(self.model)
+            self._spectral_checked = True
+        probes = vectors = None
+        shape = (*inputs.shape, self.config.n_streams, self.config.n_embd)
         if self.regularizer.lambda_diag:
             gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step)
-            shape = (*inputs.shape, self.config.n_streams, self.config.n_embd)
             probes = diag_probes(shape, len(self.regularizer.n_par_list(self.config.n_layer)), gen).to(inputs.device)
-        return self._losses(inputs, targets, reg_weight, probes)
+        if self.regularizer.lambda_jacobi:
+            gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step + JACOBI_SEED_OFFSET)
+            vectors = jacobi_vectors(shape, self.config.n_layer, gen).to(inputs.device)
+        return self._losses(inputs, targets, reg_weight, probes, vectors)
 
-    def _loss_graph(self, inputs: torch.Tensor, targets: torch.Tensor, reg_weight: torch.Tensor, probes: torch.Tensor | None):
-        """The compiled part of ``compute_losses``. probes: (len(n_par_configs), B, T, n, D) or None."""
+    def _loss_graph(
+        self, inputs: torch.Tensor, targets: torch.Tensor, reg_weight: torch.Tensor, probes: torch.Tensor | None, vectors: torch.Tensor | None = None
+    ):
+        """The compiled part of ``compute_losses``. probes: (len(n_par_configs), B, T, n, D) or None;
+        vectors: the Jacobi regularizer's (n_layer, B, T, n, D) or None."""
         block_inputs, trace = self.model.forward_trace(inputs)
-        logits = self.model.head(trace[-1], trace[self.model.backout_layer + 1])
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        hidden = self.model.hidden(trace[-1], trace[self.model.backout_layer + 1])
+        ce = F.cross_entropy(self.model.logits(hidden).flatten(0, 1), targets.flatten())
         out = {"ce": ce, "loss": ce}
+        # Multi-token prediction: head k predicts targets[:, k:] from positions :-k (not ramped by w(t)).
+        for k, mtp_logits in enumerate(self.model.mtp_logits(hidden), start=1):
+            out[f"mtp_{k}"] = F.cross_entropy(mtp_logits.flatten(0, 1), targets[:, k:].flatten())
+            out["loss"] = out["loss"] + self.config.mtp_loss_weight * out[f"mtp_{k}"]
+        ce_and_mtp = out["loss"]
         if self.regularizer.active:
-            terms = snlp_regularizer(self.model, block_inputs, trace, self.regularizer, probes=probes, per_block=self.per_block)
-            out["loss"] = ce + reg_weight * terms["total"]
+            terms = snlp_regularizer(
+                self.model, block_inputs, trace, self.regularizer, probes=probes, per_block=self.per_block, vectors=vectors
+            )
+            out["loss"] = ce_and_mtp + reg_weight * terms["total"]
             out.update({f"reg_{k}": v for k, v in terms.items()})
         return out
 
@@ -173,7 +203,14 @@ class SNLPModule(L.LightningModule):
         self.log("train/ce", losses["ce"])
         self.log("train/reg", losses.get("reg_total", torch.zeros(())))
         self.log("train/reg_weight", weight)
+        for k in range(1, self.config.num_mtp_steps + 1):
+            self.log(f"train/mtp_{k}", losses[f"mtp_{k}"])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        # The values this step's update uses (the scheduler set them after the previous step).
+        muon = next((g for g in self.trainer.optimizers[0].param_groups if g.get("kind") == "muon"), None)
+        if muon is not None:
+            self.log("train/muon_momentum", float(muon["momentum"]))
+            self.log("train/weight_decay", float(muon["weight_decay"]))
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -231,7 +268,19 @@ class SNLPModule(L.LightningModule):
         return self.optim_config.schedule_steps or max(int(self.trainer.estimated_stepping_batches), 1)
 
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.model, self.optim_config, self.schedule_steps)
+        if self.per_block and self.optim_config.optimizer == "nanochat":
+            raise ConfigError(
+                "optim.optimizer='nanochat' does not work under FSDP (its Muon stacks whole 2-D matrices, "
+                "FSDP shards them): set --model.optim.optimizer adamw"
+            )
+        # Tokens per optimizer step over all ranks, for the batch-size LR / weight-decay scaling
+        # (None when the batch or the sequence length is unknown: build_optimizer then refuses them).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch, seq_len = getattr(datamodule, "batch_size", None), getattr(datamodule, "seq_len", None)
+        tokens_per_step = None
+        if isinstance(batch, int) and isinstance(seq_len, int):
+            tokens_per_step = self.trainer.world_size * batch * self.trainer.accumulate_grad_batches * seq_len
+        optimizer, scheduler = build_optimizer(self.model, self.optim_config, self.schedule_steps, tokens_per_step=tokens_per_step)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation -------------------------------------------------------------------------------

@@ -44,11 +44,13 @@ RUNS = {
     "paper-0.5b-plain-baseline": ["paper-0.5b", "paper-0.5b-plain", "paper-0.5b-plain-baseline"],
     "paper-0.5b-mhc": ["paper-0.5b", "paper-0.5b-mhc"],
     "paper-0.5b-mhc-baseline": ["paper-0.5b", "paper-0.5b-mhc", "paper-0.5b-mhc-baseline"],
+    "paper-0.5b-mtp": ["paper-0.5b", "paper-0.5b-mtp"],
+    "paper-0.5b-mtp-baseline": ["paper-0.5b", "paper-0.5b-mtp", "paper-0.5b-mtp-baseline"],
     "paper-3b": ["paper-0.5b", "paper-3b"],
     "paper-3b-baseline": ["paper-0.5b", "paper-3b", "paper-3b-baseline"],
 }
 
-# -- the expected values: those of the complete files at 06ea0b8, written out ----------------------
+# -- the expected values, written out (quickstart: as at 06ea0b8; paper runs: the authors' recipe) --
 QUICKSTART = {
     "seed_everything": 1234,
     "trainer": {
@@ -73,8 +75,8 @@ PAPER_05B = {
     "seed_everything": 1234,
     "trainer": {
         "accelerator": "gpu", "devices": 8, "num_nodes": 1, "strategy": "ddp", "precision": "bf16-mixed",
-        "max_steps": 4800, "gradient_clip_val": 1.0, "log_every_n_steps": 10, "val_check_interval": 500,
-        "check_val_every_n_epoch": None, "limit_val_batches": 64, "accumulate_grad_batches": 1,
+        "max_steps": 4800, "gradient_clip_val": None, "log_every_n_steps": 10, "val_check_interval": 500,
+        "check_val_every_n_epoch": None, "limit_val_batches": 320, "accumulate_grad_batches": 8,
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": "runs", "name": "paper-0.5b"}},
     },
@@ -84,10 +86,13 @@ PAPER_05B = {
                    "use_mhc": False},
         "regularizer": {"lambda_idn": 0.0625, "n_par_configs": [8, 16, 24], "stride": 3, "detach": False,
                         "warmup_fraction": 0.2},
-        "eval_plans": ["idn:n8:K1", "idn:n8:K4", "idn:n16:K2", "idn:n24:K2", "idn:n24:K4", "idn:n24:4xF6:K2",
-                       "idn:n24:12xF2:K1", "idn:n12:1xF12:K1"],
+        "optim": {"optimizer": "nanochat", "matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008,
+                  "scalar_lr": 0.5, "weight_decay": 0.28, "scale_weight_decay": True, "lr_batch_reference": 524288,
+                  "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05, "muon_momentum_schedule": True,
+                  "weight_decay_schedule": "cosine"},
+        "eval_plans": ["idn:n8:K4", "idn:n8:K4:batch_fwd", "idn:n24:K2", "idn:n24:K4", "idn:n12:K2:batch_fwd"],
     },
-    "data": {"data_dir": "data/fineweb-edu", "seq_len": 2048, "batch_size": 32, "num_workers": 4},
+    "data": {"data_dir": "data/fineweb-edu", "seq_len": 2048, "batch_size": 8, "num_workers": 4},
     "checkpoint": {"dirpath": "runs/paper-0.5b/checkpoints", "save_last": True, "every_n_train_steps": 500},
 }
 MHC_FIELDS = {"use_mhc": True, "mhc_variant": "static", "mhc_num_streams": 4, "mhc_sinkhorn_iters": 10,
@@ -129,17 +134,24 @@ def expected_runs() -> dict[str, dict]:
         "paper-0.5b-plain": {
             **paper, **named("paper-0.5b-plain"), "model.config.no_x0_resid": True, "model.config.no_ve": True,
             "model.regularizer.lambda_idn": 0.5, "model.regularizer.stride": 6,
+            "model.eval_plans": ["idn:n20:K4:batch_fwd", "idn:n8:K4", "idn:n24:12xF2:K1", "idn:n24:12xF2:K2",
+                                 "idn:n12:1xF12:K1"],
         },
         "paper-0.5b-mhc": {
             **paper, **named("paper-0.5b-mhc"), **mhc, "model.config.no_x0_resid": True,
             "model.regularizer.lambda_idn": 0.0, "model.regularizer.lambda_hcn": 0.5, "model.regularizer.stride": 0,
-            "model.regularizer.detach": True,
-            "model.eval_plans": ["hcn:n8:K1", "hcn:n8:K4", "hcn:n16:K1", "hcn:n16:K4", "hcn:n24:4xF6:K2"],
+            "model.regularizer.detach": True, "trainer.accumulate_grad_batches": 16, "trainer.limit_val_batches": 640,
+            "data.batch_size": 4,
+            "model.eval_plans": ["hcn:n8:K2:batch_fwd", "hcn:n8:K4", "hcn:n16:K1", "hcn:n16:K4"],
+        },
+        "paper-0.5b-mtp": {
+            **paper, **named("paper-0.5b-mtp"), "model.config.num_mtp_steps": 1, "model.config.mtp_loss_weight": 0.3,
         },
         "paper-3b": {
-            **paper, **named("paper-3b"), "trainer.accumulate_grad_batches": 4, "model.config.n_head": 16,
-            "model.config.n_kv_head": 16, "model.config.n_embd": 2048, "model.regularizer.lambda_idn": 0.1,
-            "model.regularizer.stride": 0, "data.batch_size": 8,
+            **paper, **named("paper-3b"), "trainer.max_steps": 9600, "trainer.accumulate_grad_batches": 16,
+            "model.config.n_head": 16, "model.config.n_kv_head": 16, "model.config.n_embd": 2048,
+            "model.regularizer.lambda_idn": 0.5, "model.regularizer.n_par_configs": [8], "model.regularizer.stride": 0,
+            "model.eval_plans": ["idn:n8:K1", "idn:n8:K1:batch_fwd", "idn:n8:K4", "idn:n8:K8"],
         },
     }
     for name in list(runs):
@@ -199,6 +211,57 @@ def test_run_resolves_to_its_settings(run, defaults):
     assert not wrong, f"{run}: {wrong}"
     model = {k.removeprefix("model.config."): v for k, v in resolved.items() if k.startswith("model.config.")}
     assert ModelConfig(**model) == ModelConfig.from_name(run.removesuffix("-baseline"))
+
+
+# -- the authors' recipe -----------------------------------------------------------------------------
+# Each paper run against the runs_snlp/train_*.sh script it reproduces (phymhan/nanochat-snlp):
+# tokens per optimizer step and in all (their total_batch_size, auto-computed by base_train.py from
+# the model's size, times --num-iterations), the regularizer (kind, lambda, N, stride, detach), MTP
+# heads, and the Muon weight decay the run ends up with (their weight_decay_scaled, evaluated with
+# their base_train.py formulas on their own GPT on the meta device; 0.28 x sqrt(B / 2^19) x D_ref / D).
+RECIPE = {
+    # run:                      (script,                     tokens/step, total tokens,   regularizer,                       mtp, weight decay)
+    "paper-0.5b":               ("train_d32s_idn.sh",        1_048_576, 5_033_164_800, ("idn", 0.0625, [8, 16, 24], 3, False), 0, 0.039598086372440715),
+    "paper-0.5b-baseline":      ("train_d32s_base.sh",       1_048_576, 5_033_164_800, None,                                   0, 0.039598086372440715),
+    "paper-0.5b-plain":         ("train_d32s_nox0ve_idn.sh", 1_048_576, 5_033_164_800, ("idn", 0.5, [8, 16, 24], 6, False),   0, 0.03959797974644667),
+    "paper-0.5b-plain-baseline": ("train_d32s_nox0ve_base.sh", 1_048_576, 5_033_164_800, None,                                 0, 0.03959797974644667),
+    "paper-0.5b-mhc":           ("train_d32s_mhc_hcn.sh",    1_048_576, 5_033_164_800, ("hcn", 0.5, [8, 16, 24], 0, True),     0, 0.03959902467218457),
+    "paper-0.5b-mhc-baseline":  ("train_d32s_mhc_base.sh",   1_048_576, 5_033_164_800, None,                                   0, 0.03959902467218457),
+    "paper-0.5b-mtp":           ("train_d32s_idn_mtp.sh",    1_048_576, 5_033_164_800, ("idn", 0.0625, [8, 16, 24], 3, False), 1, 0.039652553482859294),
+    "paper-0.5b-mtp-baseline":  ("train_d32s_base_mtp.sh",   1_048_576, 5_033_164_800, None,                                   1, 0.039652553482859294),
+    "paper-3b":                 ("train_d32_idn.sh",         2_097_152, 20_132_659_200, ("idn", 0.5, [8], 0, False),           0, 0.03675007690415606),
+    "paper-3b-baseline":        ("train_d32_base.sh",        2_097_152, 20_132_659_200, None,                                  0, 0.03675007690415606),
+}
+
+
+def test_the_recipe_table_covers_every_paper_run():
+    assert sorted(RECIPE) == sorted(run for run in RUNS if run.startswith("paper-"))
+
+
+@pytest.mark.parametrize("run", sorted(RECIPE))
+def test_paper_run_trains_with_the_authors_recipe(run):
+    from snlp_lightning.optim import OptimConfig, nanochat_weight_decay
+
+    _, per_step, total, reg, mtp, weight_decay = RECIPE[run]
+    r = flat(resolve(*RUNS[run]))
+    tokens = r["trainer.devices"] * r["trainer.num_nodes"] * r["data.batch_size"] * r["trainer.accumulate_grad_batches"] * r["data.seq_len"]
+    assert tokens == per_step and tokens * r["trainer.max_steps"] == total
+    lambdas = {k: r[f"model.regularizer.lambda_{k}"] for k in ("idn", "hcn", "diag")}
+    if reg is None:
+        assert not any(lambdas.values())
+    else:
+        kind, lam, n_par, stride, detach = reg
+        assert lambdas == {"idn": 0.0, "hcn": 0.0, "diag": 0.0, kind: lam}
+        assert (r["model.regularizer.n_par_configs"], r["model.regularizer.stride"], r["model.regularizer.detach"]) == (n_par, stride, detach)
+    assert r["model.regularizer.warmup_fraction"] == 0.2  # their --jacobi-reg-warmup 0.2
+    config = ModelConfig(**{k.removeprefix("model.config."): v for k, v in r.items() if k.startswith("model.config.")})
+    assert config.num_mtp_steps == mtp and (config.mtp_loss_weight == 0.3 or not mtp)
+    optim = OptimConfig(**{k.removeprefix("model.optim."): v for k, v in r.items() if k.startswith("model.optim.")})
+    assert optim.scale_weight_decay and optim.lr_batch_reference == 2**19
+    assert nanochat_weight_decay(config, optim.weight_decay, tokens) == pytest.approx(weight_decay, rel=1e-12)
+    assert r["trainer.gradient_clip_val"] is None and r["trainer.precision"] == "bf16-mixed"
+    # their eval_tokens, 80 x 524,288, per validation
+    assert r["trainer.limit_val_batches"] * r["trainer.devices"] * r["data.batch_size"] * r["data.seq_len"] == 80 * 524_288
 
 
 @pytest.mark.parametrize("overlay", sorted(set(RUNS) - {"quickstart", "paper-0.5b"}))

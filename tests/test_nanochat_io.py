@@ -42,12 +42,16 @@ def test_compiled_prefix_mtp_heads_and_unpadded_vocab_are_accepted():
     model = tiny_model("nanochat")
     state, config = export_nanochat(model)
     state = {f"_orig_mod.{k}": v for k, v in state.items()}
-    state["_orig_mod.mtp_projs.0.weight"] = torch.zeros(48, 48)
+    mtp = torch.randn(48, 48, generator=torch.Generator().manual_seed(3))
+    state["_orig_mod.mtp_projs.0.weight"] = mtp
     for key in ("_orig_mod.transformer.wte.weight", "_orig_mod.lm_head.weight", "_orig_mod.value_embeds.5.weight"):
         state[key] = state[key][: config["vocab_size"]].to(torch.bfloat16)  # unpadded rows, bf16 as nanochat saves
     config = {**config, "num_mtp_steps": 1, "mtp_loss_weight": 0.3}
     loaded = load_nanochat(state, config)
     assert loaded.transformer.wte.weight.shape[0] == 128 and loaded.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(loaded.mtp_projs[0].weight, mtp)  # the MTP head comes in, and goes out again
+    assert torch.equal(export_nanochat(loaded)[0]["mtp_projs.0.weight"], mtp)
+    assert export_nanochat(loaded)[1]["num_mtp_steps"] == 1
     idx = tokens()
     assert (loaded.double()(idx) - model(idx)).abs().max() < 0.1  # bf16 storage rounds the tables
 

@@ -27,6 +27,7 @@ Initialisation (spec section 5; ``GPT.init_weights``), with s = 3^0.5 * D^-0.5 (
     resid_lambdas, x0_lambdas        1.15 - 0.10 d, 0.20 - 0.15 d   (d = layer / (L - 1))
     smear_gate, smear_lambda         nn.Linear default, 0
     backout_lambda                   0.2
+    mtp_projs (num_mtp_steps > 0)    uniform(-s, s)
 """
 
 from __future__ import annotations
@@ -364,6 +365,8 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict(
             {str(i): nn.Embedding(vocab, kv_dim) for i in range(cfg.n_layer) if i % 2 == (cfg.n_layer - 1) % 2}
         )
+        # Multi-token prediction heads (training only; empty list = no state-dict keys, as nanochat).
+        self.mtp_projs = nn.ModuleList([nn.Linear(d, d, bias=False) for _ in range(cfg.num_mtp_steps)])
         cos, sin = rotary_tables(cfg.sequence_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
@@ -403,6 +406,8 @@ class GPT(nn.Module):
         self.smear_gate.reset_parameters()
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
+        for proj in self.mtp_projs:  # last, so models without them draw the same numbers as before
+            nn.init.uniform_(proj.weight, -bound, bound)
 
     # -- embed ------------------------------------------------------------------------------------
     def embed(self, idx: Tensor, positions: Tensor | None = None, prev_idx: Tensor | None = None) -> tuple[BlockInputs, Tensor]:
@@ -475,29 +480,55 @@ class GPT(nn.Module):
         per_layer = torch.stack([self.resid_lambdas, self.x0_lambdas], dim=-1)  # (L, 2)
         return torch.stack([per_layer[g].mean(0) for g in groups])
 
-    def block(self, layer: int, h: Tensor, inputs: BlockInputs) -> tuple[Tensor, Tensor | None]:
+    def block(self, layer: int, h: Tensor, inputs: BlockInputs, blended: bool = False) -> tuple[Tensor, Tensor | None]:
         """Block ``layer`` on h (B, T, n, D) -> (its output, its surrogate A; None = identity),
-        through the block's own module call (FSDP hooks)."""
-        return self.transformer.h[layer](h, inputs, self.group_lambdas([[layer]]))
+        through the block's own module call (FSDP hooks). ``blended=True``: h is already the
+        block's blended input (``blend``) and no blend is applied, so
+        ``block(l, h) == block(l, blend(l, h), blended=True)`` (the Jacobi regularizer perturbs
+        the blended input, as the authors' code does)."""
+        return self.transformer.h[layer](h, inputs, None if blended else self.group_lambdas([[layer]]))
+
+    def blend(self, layer: int, h: Tensor, inputs: BlockInputs) -> Tensor:
+        """Block ``layer``'s input after its lambda blend, lambda_res h + lambda_x0 x0 (h itself for
+        models without the blend); the same arithmetic as the blend inside ``block``."""
+        lambdas = self.group_lambdas([[layer]])
+        if lambdas is None:
+            return h
+        lam = lambdas[0].to(h.dtype)
+        return lam[0] * h + lam[1] * inputs.x0
 
     # -- head -------------------------------------------------------------------------------------
     @property
     def backout_layer(self) -> int:
         return self.config.n_layer // 2
 
-    def head(self, h_last: Tensor, h_backout: Tensor | None) -> Tensor:
+    def hidden(self, h_last: Tensor, h_backout: Tensor | None) -> Tensor:
         """h_last: (B, T, n, D) output of the last block; h_backout: output of block L // 2.
 
-        Returns logits (B, T, vocab_size), softcapped, float32 (float64 if the model is float64).
+        Returns the pre-norm hidden state (B, T, D) the head and the MTP heads read.
         """
-        cfg = self.config
         x = h_last.sum(-2)  # mHC: the streams are summed before the final norm
-        if cfg.backout:
+        if self.config.backout:
             x = x - self.backout_lambda.to(x.dtype) * h_backout.sum(-2)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Pre-norm hidden x (B, T, D) -> logits (B, T, vocab_size), softcapped, float32 (float64 stays)."""
+        cfg = self.config
         logits = F.linear(rms_norm(x), self.lm_head.weight.to(x.dtype))[..., : cfg.vocab_size]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         cap = cfg.logit_softcap
         return cap * torch.tanh(logits / cap)
+
+    def head(self, h_last: Tensor, h_backout: Tensor | None) -> Tensor:
+        """Logits (B, T, vocab_size) from the last block's output and block L // 2's (see ``hidden``)."""
+        return self.logits(self.hidden(h_last, h_backout))
+
+    def mtp_logits(self, x: Tensor) -> list[Tensor]:
+        """Pre-norm hidden x (B, T, D) -> one logits tensor per MTP head k = 1..num_mtp_steps,
+        (B, T - k, vocab_size): position t of head k predicts the token k steps after the next one.
+        Each head is a D x D projection before the final norm; the lm_head is shared."""
+        return [self.logits(proj(x[:, :-k])) for k, proj in enumerate(self.mtp_projs, start=1)]
 
     # -- the sequential model ---------------------------------------------------------------------
     def forward_trace(self, idx: Tensor) -> tuple[BlockInputs, list[Tensor]]:

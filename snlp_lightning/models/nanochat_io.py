@@ -2,9 +2,9 @@
 
 A nanochat checkpoint is a state dict (``model_000100.pt``, keys such as ``transformer.h.0.attn.c_q.weight``,
 maybe prefixed ``_orig_mod.`` by torch.compile) plus a config (``meta_000100.json`` -> "model_config").
-Our module names equal nanochat's, so the mapping is: strip prefixes, drop the MTP heads (they do
-not change the logits), pad the vocabulary rows to a multiple of 64 if needed, check every key and
-shape, load. Config fields we add (smear, backout, mhc_variant, short_window, ...) may be present.
+Our module names equal nanochat's, so the mapping is: strip prefixes, pad the vocabulary rows to a
+multiple of 64 if needed, check every key and shape, load. Multi-token prediction heads
+(``mtp_projs.*``, config ``num_mtp_steps``) come in and go out with the rest. Config fields we add (smear, backout, mhc_variant, short_window, ...) may be present.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from ..errors import CheckpointError, atomic_file, atomic_write_text, first_line
 from . import build
 from .nanochat import GPT
 
-IGNORED_KEY_PREFIXES = ("mtp_projs.",)
 VOCAB_ROW_KEYS = ("transformer.wte.weight", "lm_head.weight")
 
 
@@ -73,8 +72,6 @@ def load_nanochat(source: Mapping | str | os.PathLike, config: Mapping | ModelCo
     cleaned: dict[str, Tensor] = {}
     for key, value in state.items():
         name = key.replace("_orig_mod.", "")
-        if name.startswith(IGNORED_KEY_PREFIXES):
-            continue
         if not isinstance(value, Tensor):
             raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
         cleaned[name] = value
