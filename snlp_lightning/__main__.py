@@ -11,6 +11,10 @@
 its --help and its one-line errors say ``snlp prepare`` and so on. The old console scripts
 (``snlp-prepare``, ``snlp-generate``, ...) call the same mains and remain as aliases.
 
+``SNLP_CPU_ATTENTION=fast`` makes every subcommand run CPU attention on SDPA's flash kernel instead of
+the math kernel the recorded CPU numbers were computed with (models/attention.py; about 15% off a
+regularized CPU training step, docs/benchmarks.md; float32 results change in the last digits).
+
 This module imports only what the chosen subcommand needs: ``snlp prepare`` never loads Lightning
 (its spawned tokenizing workers re-import the command's script, so that would cost every worker).
 """
@@ -18,6 +22,7 @@ This module imports only what the chosen subcommand needs: ``snlp prepare`` neve
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from .errors import UserError, run_entry
@@ -77,6 +82,14 @@ def main(args: list[str] | None = None) -> int:
     if not argv:
         return run_entry("snlp", _raise, UserError(f"give a command: {_choices()}"))
     name = argv[0]
+    kernel = os.environ.get("SNLP_CPU_ATTENTION")
+    if kernel:  # a process-wide choice, made here at the entry point (torch only loads when asked)
+        from .models.attention import set_cpu_kernel
+
+        try:
+            set_cpu_kernel(kernel)
+        except UserError as err:
+            return run_entry("snlp", _raise, UserError(f"SNLP_CPU_ATTENTION: {err}"))
     if name in LIGHTNING_COMMANDS or name.startswith("-"):  # options before the command are LightningCLI's (--config)
         from .cli import main as lightning_main
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_installed
+from cli_helpers import ONE_THREAD, installed, run_installed
 from snlp_lightning import compat
 from snlp_lightning.__main__ import ALIASES, COMMANDS
 
@@ -55,6 +56,21 @@ def test_an_unknown_subcommand_is_one_line_naming_it_and_the_allowed_ones():
     from snlp_lightning.__main__ import _unknown
 
     assert "did you mean prepare?" in str(_unknown("prepar"))
+
+
+def test_snlp_cpu_attention_picks_the_kernel_or_names_the_bad_value(monkeypatch):
+    from snlp_lightning.__main__ import main
+    from snlp_lightning.models import attention
+
+    monkeypatch.setenv("SNLP_CPU_ATTENTION", "flash")
+    bad = subprocess.run([installed("snlp"), "demo", "--help"], capture_output=True, text=True, env={**ONE_THREAD, "SNLP_CPU_ATTENTION": "flash"})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert one_line(bad.stderr) == "snlp: error: SNLP_CPU_ATTENTION: CPU attention kernel 'flash' is not allowed: one of math, fast"
+    monkeypatch.setenv("SNLP_CPU_ATTENTION", "fast")
+    monkeypatch.setattr(attention, "_cpu_kernel", "math")  # restored after the test
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--help"])
+    assert done.value.code == 0 and attention._cpu_kernel == "fast"
 
 
 def test_the_old_command_names_still_work():

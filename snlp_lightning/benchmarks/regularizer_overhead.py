@@ -4,8 +4,8 @@
     python -m snlp_lightning.benchmarks.regularizer_overhead --preset plain --depth 32 --width 640 --heads 5 --device cuda
 
 One timed step = zero_grad, ``SNLPModule.compute_losses`` (sequential forward keeping every state,
-CE, the regularizer at full weight), backward, gradient clipping at 1.0, the MuonAdamW step and the
-LR-scheduler step: what Lightning runs per step, without its logging. Every variant has its own
+CE, the regularizer at full weight), backward, gradient clipping at 1.0, the optimizer step
+(``--optimizer``, default torch's Muon + AdamW) and the LR-scheduler step: what Lightning runs per step, without its logging. Every variant has its own
 copy of the model (same init) and optimizer, and the variants are timed interleaved, one step each
 per round (order rotated every round), on the same batch, so background load hits all of them
 alike. Overhead = median over rounds of (variant time / lambda-0 time in the same round) - 1.
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace, preset: str) -> list[Variant]:
     for v in variants:
         v.module = copy.deepcopy(base)
         v.module.regularizer = v.reg.validate(cfg)
-        v.optimizer, v.scheduler = build_optimizer(v.module.model, OptimConfig(), rounds)
+        v.optimizer, v.scheduler = build_optimizer(v.module.model, OptimConfig(optimizer=args.optimizer), rounds)
     gen = torch.Generator().manual_seed(args.seed)
     amp = None if args.dtype == "float32" else getattr(torch, args.dtype)
     for r in range(rounds):
@@ -182,7 +182,7 @@ def header(args: argparse.Namespace, preset: str) -> str:
     return (
         f"\n### {preset}: L = {args.depth}, d = {args.width}, {args.heads} heads, vocab {args.vocab}, "
         f"batch {args.batch} x {args.seq} tokens\n\n"
-        f"device {name}, dtype {args.dtype}, CPU attention {args.cpu_attention}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {name}, dtype {args.dtype}, optimizer {args.optimizer}, CPU attention {args.cpu_attention}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.steps} timed steps per config after {args.warmup} warm-up (+1 counted) steps, interleaved\n"
     )
 
@@ -203,6 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--cpu-attention", choices=["math", "fast"], default="math",
                    help="CPU attention kernel (models/attention.py): math = the recorded numbers, fast = SDPA's flash kernel")
+    p.add_argument("--optimizer", choices=["muon_adamw", "nanochat", "adamw"], default="muon_adamw",
+                   help="optim.optimizer of every variant (nanochat: the authors' Muon, as the paper configs)")
     p.add_argument("--no-diag", dest="diag", action="store_false", help="skip the DiagN row (plain model)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
