@@ -16,6 +16,7 @@ from snlp_lightning.errors import UserError, path_kind
 from snlp_lightning.models import GPT, build
 from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
 from snlp_lightning.regularizer import fold_spectral_norm
+from snlp_lightning.text import tokenizer_file_near
 
 MODEL_PREFIX = "model."
 NANOCHAT_HINT = "a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it), or a folder holding one"
@@ -52,7 +53,8 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     """
     path = check_checkpoint_path(path)
     if path.suffix != ".ckpt" or path.is_dir():
-        return load_nanochat(path).eval(), _tokenizer_near(path)
+        found = tokenizer_file_near(path)  # generation reads tokenizer.json; snlp eval also nanochat's tokenizer.pkl
+        return load_nanochat(path).eval(), found if found is not None and found.suffix == ".json" else None
     checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
     model = build(ModelConfig.from_checkpoint(path, checkpoint))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
@@ -67,14 +69,6 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     data_dir = data.get("data_dir") if isinstance(data, dict) else None
     tokenizer = Path(data_dir) / "tokenizer.json" if isinstance(data_dir, str) and data_dir else None
     return model.eval(), tokenizer if tokenizer is not None and tokenizer.is_file() else None
-
-
-def _tokenizer_near(path: Path) -> Path | None:
-    for folder in (path if path.is_dir() else path.parent, path.parent.parent):
-        candidate = folder / "tokenizer.json"
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

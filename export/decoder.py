@@ -98,6 +98,8 @@ class LayerParallelDecoder(nn.Module):
         plan = SolverPlan.parse(plan).validate(cfg)
         if plan.method not in DECODER_METHODS:
             raise DecoderError(f"plan '{plan}' cannot be decoded: the decoder serves methods {', '.join(DECODER_METHODS)}")
+        if plan.authors_windows:
+            raise DecoderError(f"plan '{plan}': authors_windows (aw) is an evaluation switch of full forwards; the decoder does not take it")
         max_seq_len = cfg.sequence_len if max_seq_len is None else max_seq_len
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= cfg.sequence_len:
             raise DecoderError(f"max_seq_len={max_seq_len} is not allowed: 1..{cfg.sequence_len} (the model's sequence_len)")

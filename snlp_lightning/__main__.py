@@ -35,11 +35,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("export.generate_cli:main", "stream text from a checkpoint (any plan, eager or compiled) or a package"),
     "export": ("export.package:main", "a checkpoint + a plan -> one AOTInductor package that runs without this project"),
     "bench": ("export.bench:main", "layer-parallel vs sequential, speed and quality, side by side in one process"),
+    "eval": ("export.evaluate:main", "the paper's evaluation: PPL, bits per byte, agreement, speed per plan (resumable)"),
+    "diagnose": ("snlp_lightning.diagnostics:main", "why a plan fails: per-layer IDN error and Jacobian spectral radius over depth"),
     "quickstart": ("snlp_lightning.quickstart:main", "the README's main job offline on a CPU: prepare, fit, validate, PPL table"),
     "demo": ("snlp_lightning.demo:main", "every solver plan against the sequential model, on small untrained models"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate")  # LightningCLI parses the subcommand name itself
-ALIASES = {f"snlp-{name}": name for name in COMMANDS if name not in LIGHTNING_COMMANDS}
+# The console scripts of before the one command (pyproject.toml); newer subcommands have none.
+ALIASES = {f"snlp-{name}": name for name in ("prepare", "generate", "export", "bench", "quickstart", "demo")}
 
 
 def usage() -> str:

@@ -14,7 +14,7 @@ from cli_helpers import ONE_THREAD, installed, run_installed
 from snlp_lightning import compat
 from snlp_lightning.__main__ import ALIASES, COMMANDS
 
-SUBCOMMANDS = ("fit", "validate", "prepare", "generate", "export", "bench", "quickstart", "demo")
+SUBCOMMANDS = ("fit", "validate", "prepare", "generate", "export", "bench", "eval", "diagnose", "quickstart", "demo")
 
 
 def one_line(stderr: str) -> str:

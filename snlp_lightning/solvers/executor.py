@@ -15,6 +15,7 @@ states (C, B, T, n, D).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from ..models import BlockInputs, WideBlocks
 from ..models.kv_cache import KVCache
-from .plan import SolverPlan
+from .plan import PlanError, SolverPlan
 from .surrogates import Surrogate
 
 
@@ -46,6 +47,13 @@ def chunk_sequential(chunks: WideBlocks, h_init: Tensor, inputs: BlockInputs, ca
         x = chunks.select(c)(x.unsqueeze(0), inputs, cache)[0].squeeze(0)
         states.append(x)
     return torch.stack(states)
+
+
+def full_causal(chunks: WideBlocks, length: int) -> WideBlocks:
+    """The stack with every window widened to cover ``length`` positions (plain causal attention,
+    ``is_causal=True``): the authors' batched solvers' attention, the plan option ``aw``."""
+    windows = tuple(tuple(max(w, length) for w in row) for row in chunks.windows)
+    return dataclasses.replace(chunks, windows=windows)
 
 
 def _check_finite(x: Tensor, plan: SolverPlan, k: int) -> None:
@@ -122,8 +130,11 @@ def execute(
     layer(l, h): block l on h (the prefix, and every block when ``exact``); chunks(): the plan's C
     wide blocks; head(h_last, h_backout): the logits. ``surrogate`` None runs the parallel part to
     its fixed point (chunks one after another: prefill, and 'seq' plans). With a cache, a solve
-    ends by writing every chunk's k, v from its final corrected input (spec section 6).
+    ends by writing every chunk's k, v from its final corrected input (spec section 6). A plan
+    with ``authors_windows`` gets the chunk stack with full causal windows (``full_causal``).
     """
+    if plan.authors_windows and cache is not None:
+        raise PlanError(f"plan '{plan}': authors_windows (aw) is an evaluation switch of full forwards, not of KV-cached decoding")
     count = n_layer if exact or plan.n_par == 0 else plan.prefix_len(n_layer)
     backout = None
     for l in range(count):
@@ -133,6 +144,8 @@ def execute(
     if count == n_layer:
         return SolveResult(logits=head(h, backout), states=None)
     stack = chunks()
+    if plan.authors_windows:
+        stack = full_causal(stack, h.size(1))
     iterates = norms = None
     if surrogate is None:
         states = chunk_sequential(stack, h, inputs, cache)

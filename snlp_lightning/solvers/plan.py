@@ -12,8 +12,19 @@ Notation (spec section 2; options after K may come in any order):
     KK      1 <= K <= C parallel iterations (K = C is already exact)
     INIT    h0 (default: every iterate starts at h_init) | batch_fwd (one extra batched call)
     OPTION  kappa=0.5 (damped) | probes=2, eps=0.01, est=fd|vjp (diagn) | avg (fused branches / M)
+            | aw (authors' windows, below)
 
-Examples: ``idn:n24:4xF6:K2:h0``, ``hcn:n16:K1``, ``diagn:n8:K2:batch_fwd``, ``damped:n8:K3:kappa=0.3``.
+Examples: ``idn:n24:4xF6:K2:h0``, ``hcn:n16:K1``, ``diagn:n8:K2:batch_fwd``, ``damped:n8:K3:kappa=0.3``,
+``idn:n8:K2:aw``.
+
+``aw`` (``authors_windows``, off by default) reproduces the authors' batched solvers, which call
+SDPA with ``is_causal=True`` in the parallel part and so ignore the sliding windows of the N
+parallel layers (their prefix layers keep them; spec section 9). With it every wide-block call of
+the parallel part (iterations, ``batch_fwd``, the chunks of a ``seq:nN:CxFM`` plan) attends with
+a full causal window, so such a plan converges to "the sequential model whose last N layers see
+the whole context", not to the model itself; without it (our default) K = C stays exact. It
+changes nothing for models without short windows or for T <= the short window. It is an
+evaluation switch of full forwards: the KV-cached decoder refuses it.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ if TYPE_CHECKING:
 METHODS = ("seq", "fixed", "idn", "hcn", "diagn", "damped", "newton")
 INITS = ("h0", "batch_fwd")
 ESTIMATORS = ("fd", "vjp")
-NOTATION = "seq | seq:nN:CxFM | METHOD:nN[:CxFM]:KK[:h0|batch_fwd][:kappa=..|probes=..|eps=..|est=fd|vjp|avg]"
+NOTATION = "seq | seq:nN:CxFM | METHOD:nN[:CxFM]:KK[:h0|batch_fwd][:kappa=..|probes=..|eps=..|est=fd|vjp|avg|aw]"
 
 
 class PlanError(UserError):
@@ -50,6 +61,7 @@ class SolverPlan:
     eps: float = 1e-2
     estimator: str = "fd"
     average_branches: bool = False
+    authors_windows: bool = False  # 'aw': full causal windows in the parallel part, as the authors' code
 
     # -- notation ---------------------------------------------------------------------------------
     @classmethod
@@ -94,6 +106,9 @@ class SolverPlan:
             elif token == "avg":
                 once("avg", token)
                 fields["average_branches"] = True
+            elif token == "aw":
+                once("aw", token)
+                fields["authors_windows"] = True
             elif m := re.fullmatch(r"(kappa|probes|eps|est)=(.+)", token):
                 once(m[1], token)
                 key, value = m[1], m[2]
@@ -124,6 +139,8 @@ class SolverPlan:
                 raise PlanError(f"plan {raw!r}: option {option} applies only to {' / '.join(methods)} plans, not {method}")
         if "avg" in seen and fields.get("fuse", 1) == 1:
             raise PlanError(f"plan {raw!r}: avg divides fused branch sums by M, so it needs fused chunks (CxFM with M > 1)")
+        if "aw" in seen and "n" not in seen:
+            raise PlanError(f"plan {raw!r}: aw (authors' windows) changes the parallel part, so it needs one (nN), e.g. idn:n8:K2:aw")
         if "n" in seen and "chunks" not in fields:
             fuse = fields.get("fuse", 1)
             if fuse < 1 or fields["n_par"] % fuse:
@@ -135,7 +152,9 @@ class SolverPlan:
         if self.method == "seq":
             if self.n_par == 0:
                 return "seq"
-            return f"seq:n{self.n_par}:{self.chunks}xF{self.fuse}" + (":avg" if self.average_branches else "")
+            return f"seq:n{self.n_par}:{self.chunks}xF{self.fuse}" + (":avg" if self.average_branches else "") + (
+                ":aw" if self.authors_windows else ""
+            )
         parts = [self.method, f"n{self.n_par}"]
         if self.fuse != 1:
             parts.append(f"{self.chunks}xF{self.fuse}")
@@ -146,6 +165,8 @@ class SolverPlan:
             parts += [f"probes={self.probes}", f"eps={self.eps:g}", f"est={self.estimator}"]
         if self.average_branches:
             parts.append("avg")
+        if self.authors_windows:
+            parts.append("aw")
         return ":".join(parts)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -180,6 +201,8 @@ class SolverPlan:
             raise PlanError(f"eps={self.eps} is not allowed: the finite-difference step must be a finite number > 0")
         if self.estimator not in ESTIMATORS:
             raise PlanError(f"est={self.estimator!r} is not allowed: one of {', '.join(ESTIMATORS)}")
+        if self.authors_windows and self.n_par == 0:
+            raise PlanError(f"plan '{self}': aw (authors' windows) changes the parallel part, so it needs N >= 1")
         return self
 
     def validate(self, cfg: "ModelConfig") -> "SolverPlan":
@@ -215,6 +238,8 @@ class SolverPlan:
         if self.method == "seq" and self.n_par == 0:
             return f"sequential: all {n_layer} blocks one after another"
         head = f"{self.prefix_len(n_layer)} sequential blocks, then {self.chunks} chunk(s) of {self.fuse} fused block(s)"
+        if self.authors_windows:
+            head += " with full causal windows (aw)"
         if self.method == "seq":
             return head + " run one after another"
         init = "from h_init" if self.init == "h0" else "from one batched forward (batch_fwd)"
