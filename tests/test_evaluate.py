@@ -99,3 +99,44 @@ def test_eval_output_folder_rules(trained_checkpoint, bundled_data, tmp_path):
     assert (foreign / "eval.json").read_text() == "{}"
     with pytest.raises(UserError, match=r"^--tokens 0 is not allowed"):
         evaluate.run(eval_args(trained_checkpoint, bundled_data, tmp_path / "x", "--tokens", "0"))
+
+
+def test_a_nanochat_checkpoint_is_scored_with_its_own_tiktoken_tokenizer(tmp_path):
+    """nanochat's layout: model_*.pt + meta_*.json, tokenizer.pkl in BASE/tokenizer/; a .txt source."""
+    import pickle
+
+    from conftest import randomize
+    from snlp_lightning import build_model
+    from snlp_lightning.models.nanochat_io import save_nanochat
+    from test_text import tiny_encoding
+
+    enc = tiny_encoding()
+    torch.manual_seed(0)
+    model = randomize(build_model("nanochat", n_layer=4, n_embd=48, n_head=4, n_kv_head=2, vocab_size=enc.n_vocab,
+                                  sequence_len=32, short_window=8), seed=1).float()
+    checkpoint = save_nanochat(model, tmp_path / "base" / "base_checkpoints" / "d4", step=5)
+    (tmp_path / "base" / "tokenizer").mkdir()
+    with open(tmp_path / "base" / "tokenizer" / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    docs = ["the theme of the thesis", "héllo 1212 there", "then the other one, the end"] * 6
+    source = tmp_path / "val.txt"
+    source.write_text("\n\n".join(docs), encoding="utf-8")
+    result = evaluate.run(evaluate.build_parser().parse_args([
+        "--checkpoint", str(checkpoint), "--data", str(source), "--seq-len", "16", "--tokens", "64",
+        "--plans", "idn:n2:K2", "--no-speed", "--out", str(tmp_path / "eval")]))
+    # the stream by hand: every document with BOS first, in order; contexts of 17 with stride 16
+    bos = enc.encode_single_token("<|bos|>")
+    stream = torch.tensor([t for d in docs for t in [bos, *enc.encode_ordinary(d)]])
+    nll, nats_b, nbytes = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(4):
+            window = stream[i * 16 : i * 16 + 17].unsqueeze(0)
+            losses = F.cross_entropy(model.eval()(window[:, :-1])[0].double(), window[0, 1:], reduction="none")
+            nll += float(losses.sum())
+            lengths = torch.tensor([0 if t == bos else len(enc.decode_single_token_bytes(t)) for t in window[0, 1:].tolist()])
+            nats_b += float(losses[lengths > 0].sum())
+            nbytes += int(lengths.sum())
+    seq = result["results"]["seq"]
+    assert seq["ppl"] == pytest.approx(math.exp(nll / 64), rel=1e-6)
+    assert seq["bytes"] == nbytes and seq["bits_per_byte"] == pytest.approx(nats_b / (math.log(2) * nbytes), rel=1e-6)
+    assert result["results"]["idn:n2:K2:h0"]["top1"] == 1.0  # K = C
