@@ -15,7 +15,7 @@ from export.checkpoint import load_model
 from snlp_lightning.errors import UserError
 from snlp_lightning.text import load_tokenizer, token_stream
 
-SEQ, TOKENS = 24, 480  # 20 contexts
+SEQ, TOKENS = 24, 240  # 10 contexts
 
 
 def eval_args(checkpoint, data, out, *extra):
@@ -68,7 +68,7 @@ def test_an_interrupted_eval_resumes_to_the_same_numbers(trained_checkpoint, bun
 
     def dies_after_some_contexts(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 2 * 10:  # two plans per context: dies inside context 11
+        if calls["n"] > 2 * 6:  # two plans per context: dies inside context 7
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -77,7 +77,7 @@ def test_an_interrupted_eval_resumes_to_the_same_numbers(trained_checkpoint, bun
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(args)
     partial = json.loads((tmp_path / "split" / "eval.json").read_text())
-    assert partial["contexts_done"] == 8 and not partial["complete"]  # the last save before the interruption
+    assert partial["contexts_done"] == 4 and not partial["complete"]  # the last save before the interruption
     assert "partial" in (tmp_path / "split" / "eval.md").read_text()
     monkeypatch.setattr(evaluate, "snlp_forward", real)
     resumed = evaluate.run(args)
