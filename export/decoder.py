@@ -40,6 +40,20 @@ class DecoderError(UserError):
     """A plan, shape or length the decoder cannot serve; the message says what is allowed."""
 
 
+CACHE_MULTIPLE = 16  # the KV cache's capacity is a multiple of this many positions (CUDA: CUDA_CACHE_MULTIPLE)
+CUDA_CACHE_MULTIPLE = 64
+
+
+def cache_capacity(max_seq_len: int, device) -> int:
+    """The KV cache's capacity for ``max_seq_len`` usable positions: rounded up to a multiple of 16
+    (64 on CUDA), so the key length of every attention call over the cache (and its mask's last
+    dimension) is one the fused kernels are aligned for: memory-efficient and cuDNN attention
+    with a mask whose last dimension is not a multiple of 8 / 16 is a known crash class, and
+    cuDNN builds a plan per shape. The extra positions are masked out and never written."""
+    multiple = CUDA_CACHE_MULTIPLE if torch.device(device).type == "cuda" else CACHE_MULTIPLE
+    return -(-max_seq_len // multiple) * multiple
+
+
 def _inference_copy(t: Tensor, device, dtype) -> Tensor:
     """A detached copy (never a view of the training weights) on ``device``, floats cast to ``dtype``."""
     return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
@@ -82,7 +96,10 @@ class _StackBuffers:
 
 class LayerParallelDecoder(nn.Module):
     """Prefill and decode of ``model`` under ``plan`` with a static KV cache of ``batch_size`` rows
-    and ``max_seq_len`` positions, weights in ``dtype`` on ``device``."""
+    and ``max_seq_len`` positions, weights in ``dtype`` on ``device``.
+
+    The cache's buffers hold ``cache_len`` positions, ``max_seq_len`` rounded up to a multiple of
+    16 (64 on CUDA; ``cache_capacity``); only positions 0 .. max_seq_len - 1 may be used."""
 
     def __init__(
         self,
@@ -112,22 +129,22 @@ class LayerParallelDecoder(nn.Module):
         self.prefix_len = plan.prefix_len(n_layer)
         self.backout_layer = model.backout_layer
 
-        # Embedding and head: the model without its blocks (their weights live in the stacks below).
-        blocks, model.transformer.h = model.transformer.h, nn.ModuleList()
-        try:
-            self.shell = _shell_copy(model, device, dtype)
-        finally:
-            model.transformer.h = blocks
+        # Embedding and head: the model without its blocks (their weights live in the stacks below)
+        # and without the tables decoding never reads (``_unused_tables``).
+        self.shell = _shell_copy(model, device, dtype)
         with torch.no_grad():
             self._layers = _StackBuffers(self, "layers", model.stack([[i] for i in range(n_layer)]), device, dtype)
             self._chunks = None
             if plan.n_par and plan.fuse > 1:
                 fused = model.stack(plan.chunk_layers(n_layer), plan.average_branches)
                 self._chunks = _StackBuffers(self, "chunks", fused, device, dtype)
-        k, v = KVCache.allocate(batch_size, n_layer, cfg.n_kv_head, max_seq_len, cfg.head_dim, dtype, device)
+        # The cache holds cache_len >= max_seq_len positions (kernel alignment, ``cache_capacity``);
+        # positions max_seq_len.. are never written: callers refuse them against max_seq_len.
+        self.cache_len = cache_capacity(max_seq_len, device)
+        k, v = KVCache.allocate(batch_size, n_layer, cfg.n_kv_head, self.cache_len, cfg.head_dim, dtype, device)
         self.register_buffer("k_cache", k, persistent=False)
         self.register_buffer("v_cache", v, persistent=False)
-        masks, self.mask_windows = mask_tables(cfg.window_sizes(), max_seq_len, device)
+        masks, self.mask_windows = mask_tables(cfg.window_sizes(), self.cache_len, device)
         self.register_buffer("cache_masks", masks, persistent=False)
         self.surrogate = make_surrogate(plan) if plan.method != "seq" else None
 
@@ -195,11 +212,37 @@ def example_inputs(decoder: LayerParallelDecoder, tokens: int, start: int = 0) -
     return ids, positions, torch.zeros(b, dtype=torch.long, device=device)
 
 
+def _unused_tables(model: GPT) -> dict[str, nn.Module]:
+    """The submodules of ``model`` the shell (embedding and head) must not copy, by attribute name:
+    the multi-token-prediction heads (training only) and, for a config with ``no_ve`` (the plain
+    preset), the value-embedding tables it keeps only for nanochat's state-dict layout (0.67 GB
+    at 0.5B). The blocks are taken apart by ``_shell_copy`` itself."""
+    unused = {}
+    if len(getattr(model, "mtp_projs", ())):
+        unused["mtp_projs"] = nn.ModuleList()
+    if model.config.no_ve and len(getattr(model, "value_embeds", ())):
+        unused["value_embeds"] = nn.ModuleDict()
+    return unused
+
+
 def _shell_copy(model: GPT, device, dtype) -> GPT:
-    """A frozen inference copy of the block-less model, floats in ``dtype``."""
+    """A frozen inference copy of the model without its blocks and its unused tables
+    (``_unused_tables``), floats in ``dtype``. The model itself is left as it was."""
     import copy
 
-    shell = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    removed = {"h": model.transformer.h}
+    model.transformer.h = nn.ModuleList()
+    empty = _unused_tables(model)
+    for name, replacement in empty.items():
+        removed[name] = getattr(model, name)
+        setattr(model, name, replacement)
+    try:
+        shell = copy.deepcopy(model)
+    finally:
+        model.transformer.h = removed.pop("h")
+        for name, module in removed.items():
+            setattr(model, name, module)
+    shell = shell.to(device=device, dtype=dtype).eval()
     shell.rope_cos, shell.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)  # keep float32 tables
     for p in shell.parameters():
         p.requires_grad_(False)

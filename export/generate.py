@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .decoder import LayerParallelDecoder
-from .runtime import Step, generate
+from .runtime import Step, cut_at, generate
 from .speculative import SpeculativeStats, speculative_generate
 
 
@@ -35,14 +35,17 @@ def generate_tokens(
     steps: dict[str, Step] | None = None,
     on_tokens=None,
     vocab_limit: int | None = None,
+    stop_token: int | None = None,
 ) -> list[list[int]]:
     """New tokens per prompt, decoded with the decoder's plan (one decode step per token); only ids
-    below ``vocab_limit`` when given (a tokenizer smaller than the model's vocabulary)."""
+    below ``vocab_limit`` when given (a tokenizer smaller than the model's vocabulary). With
+    ``stop_token`` (the end-of-document token, e.g. ``TextCodec.bos``) a row ends at it (kept as
+    its last id); None generates ``max_new_tokens`` per row."""
     fns = _steps(decoder, steps)
     return generate(
         fns["prefill"], fns["decode"], prompts, max_new_tokens, rows=decoder.batch_size, max_seq_len=decoder.max_seq_len,
         device=decoder.k_cache.device, temperature=temperature, top_k=top_k, seed=seed, on_tokens=on_tokens,
-        vocab_limit=vocab_limit,
+        vocab_limit=vocab_limit, stop_token=stop_token,
     )
 
 
@@ -56,12 +59,15 @@ def speculative_tokens(
     seed: int = 0,
     steps: dict[str, Step] | None = None,
     vocab_limit: int | None = None,
+    stop_token: int | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """New tokens per prompt: the plan drafts ``draft_len`` tokens, the exact model verifies them
-    (only ids below ``vocab_limit`` when given)."""
+    (only ids below ``vocab_limit`` when given; each row cut after its first ``stop_token``, which
+    speculation does not stop at early)."""
     fns = _steps(decoder, steps)
-    return speculative_generate(
+    new, stats = speculative_generate(
         fns["prefill_exact"], fns["decode"], fns["verify"], prompts, max_new_tokens, draft_len=draft_len,
         rows=decoder.batch_size, max_seq_len=decoder.max_seq_len, device=decoder.k_cache.device,
         temperature=temperature, top_k=top_k, seed=seed, vocab_limit=vocab_limit,
     )
+    return [cut_at(row, stop_token) for row in new], stats

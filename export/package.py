@@ -104,12 +104,14 @@ def export_package(
     tokenizer: str | Path | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
+    source: dict | None = None,
 ) -> Path:
     """Compile both entry points and write the package folder all or nothing (built in a temporary
     folder beside ``out``, then renamed over it); returns it.
 
     ``out`` must be new, empty, or (with ``overwrite``) an earlier package holding neither the
-    tokenizer nor any of ``inputs`` (e.g. the checkpoint).
+    tokenizer nor any of ``inputs`` (e.g. the checkpoint). ``source``: recorded in the manifest
+    (what the package was built from; the runtime cache compares it, see ``cached_package``).
     """
     from torch._inductor.package import package_aoti
 
@@ -136,10 +138,10 @@ def export_package(
         runtime.mkdir()
         here = Path(__file__).parent
         for name in RUNTIME_FILES:
-            source = here / name if name != "__init__.py" else None
-            (runtime / name).write_text(source.read_text() if source else '"""The torch-only runtime of an exported SNLP package."""\n')
+            original = here / name if name != "__init__.py" else None
+            (runtime / name).write_text(original.read_text() if original else '"""The torch-only runtime of an exported SNLP package."""\n')
         (staging / "generate.py").write_text(LAUNCHER)
-        (staging / "manifest.json").write_text(json.dumps(manifest(decoder, tokenizer is not None), indent=2) + "\n")
+        (staging / "manifest.json").write_text(json.dumps(manifest(decoder, tokenizer is not None, source), indent=2) + "\n")
         _sync_tree(staging)
         umask = os.umask(0)
         os.umask(umask)
@@ -162,7 +164,8 @@ def _sync_tree(folder: Path) -> None:
                 os.close(fd)
 
 
-def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool) -> dict:
+def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool, source: dict | None = None) -> dict:
+    extra = {"source": source} if source is not None else {}
     return {
         "format": FORMAT,
         "plan": str(decoder.plan),
@@ -177,7 +180,82 @@ def manifest(decoder: LayerParallelDecoder, has_tokenizer: bool) -> dict:
         "tokenizer": "tokenizer.json" if has_tokenizer else None,
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
     }
+
+
+# -- the runtime cache: packages built in-process for ``snlp generate --runtime aot`` -----------------
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where built packages are kept: ``cache_dir``, else $SNLP_CACHE_DIR, else $XDG_CACHE_HOME/snlp
+    (~/.cache/snlp); packages go to ``<root>/aot/<key>``."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("SNLP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "snlp"
+    return Path(cache_dir).expanduser()
+
+
+def package_source(decoder: LayerParallelDecoder, checkpoint: str | Path) -> dict:
+    """Everything a built package depends on: the checkpoint file (path, size, modification time),
+    the plan, dtype, device, cache shape and torch version. A package is reused only for an equal one."""
+    path = Path(checkpoint).expanduser().resolve()
+    files = [path] if path.is_file() else sorted([*path.glob("model_*.pt"), *path.glob("meta_*.json")])  # nanochat folder
+    return {
+        "format": FORMAT,
+        "checkpoint": str(path),
+        "checkpoint_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "plan": str(decoder.plan),
+        "dtype": str(decoder.dtype).removeprefix("torch."),
+        "device": str(decoder.k_cache.device),
+        "batch_size": decoder.batch_size,
+        "max_seq_len": decoder.max_seq_len,
+        "cache_shape": list(decoder.k_cache.shape),
+        "torch": torch.__version__,
+    }
+
+
+def cache_key(source: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    plan = "".join(c if c.isalnum() else "_" for c in source["plan"])
+    return f"{Path(source['checkpoint']).stem}-{plan}-{source['dtype']}-b{source['batch_size']}-t{source['max_seq_len']}-{digest}"
+
+
+def cached_source(folder: Path) -> dict | None:
+    """The ``source`` a cached package was built from (None when the folder is no usable package)."""
+    try:
+        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not (folder / "model.pt2").is_file():
+        return None
+    return data.get("source")
+
+
+def find_cached_package(decoder: LayerParallelDecoder, checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """The cached package of ``decoder`` built from ``checkpoint`` if one is there and current, else None."""
+    source = package_source(decoder, checkpoint)
+    folder = cache_root(cache_dir) / "aot" / cache_key(source)
+    return folder if cached_source(folder) == source else None
+
+
+def cached_package(
+    decoder: LayerParallelDecoder, checkpoint: str | Path, cache_dir: str | Path | None = None, log=None
+) -> tuple[Path, bool]:
+    """The AOTInductor package of ``decoder`` (built from ``checkpoint``) in the runtime cache:
+    reused when its recorded source equals this one (same checkpoint file, plan, dtype, device,
+    cache shape, torch), else built (about 40 s for the quickstart model on the 2-core CPU of
+    docs/benchmarks.md) and installed. Returns (folder, whether it was built now)."""
+    source = package_source(decoder, checkpoint)
+    root = cache_root(cache_dir) / "aot"
+    folder = root / cache_key(source)
+    if cached_source(folder) == source:
+        return folder, False
+    if log is not None:
+        log(f"building the AOTInductor package of {decoder.plan} (once; cached in {folder}) ...")
+    root.mkdir(parents=True, exist_ok=True)
+    stale = folder.exists() and package_problem(folder) is None
+    export_package(decoder, folder, overwrite=stale, source=source)
+    return folder, True
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

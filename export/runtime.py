@@ -38,6 +38,15 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
         raise GenerationError(f"top_k={top_k} is not allowed: a positive integer or None (all tokens)")
 
 
+def check_generation(temperature: float, top_k: int | None, seed: int, max_new_tokens: int) -> None:
+    """The settings of a generation, checked before anything is built or compiled."""
+    check_sampling(temperature, top_k)
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise GenerationError(f"seed={seed} is not allowed: an integer in -2**63 .. 2**64 - 1")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+
+
 def check_tokenizer_size(tokenizer_size: int, vocab_size: int, tokenizer: object = "the tokenizer") -> int | None:
     """The ``vocab_limit`` of generation for a tokenizer of ``tokenizer_size`` ids and a model of
     ``vocab_size``: None when they match; the tokenizer's size when it is smaller (the model could
@@ -138,11 +147,7 @@ def start_generation(
     Prompts of different lengths share one prefill; padding positions are written to the cache but
     every row continues at its own length, so they are overwritten before they could be read.
     """
-    check_sampling(temperature, top_k)
-    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
-        raise GenerationError(f"seed={seed} is not allowed: an integer in -2**63 .. 2**64 - 1")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens} is not allowed: must be >= 1")
+    check_generation(temperature, top_k, seed, max_new_tokens)
     tokens, lengths = pad_prompts(prompts, rows, room, max_seq_len, device)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     positions = torch.arange(tokens.size(1), device=device).expand_as(tokens).contiguous()
@@ -166,11 +171,15 @@ def generate(
     seed: int = 0,
     on_tokens: Callable[[Tensor], None] | None = None,
     vocab_limit: int | None = None,
+    stop_token: int | None = None,
 ) -> list[list[int]]:
-    """Generate ``max_new_tokens`` after each prompt; returns the new tokens per prompt.
+    """Generate up to ``max_new_tokens`` after each prompt; returns the new tokens per prompt.
 
     ``on_tokens`` receives each step's (B,) tokens (streaming). ``vocab_limit``: new tokens are
     ids below it (a tokenizer smaller than the model's vocabulary; see ``check_tokenizer_size()``).
+    ``stop_token`` (e.g. the tokenizer's ``<|bos|>``, which separates documents): a row that
+    generates it is finished; its returned tokens end with it (the ids stay complete), later steps
+    stream ``stop_token`` for that row again, and generation ends when every row has finished.
     """
     prefill, decode = limit_vocab(prefill, vocab_limit), limit_vocab(decode, vocab_limit)
     start = start_generation(prefill, prompts, max_new_tokens, max_new_tokens, rows=rows, max_seq_len=max_seq_len,
@@ -178,13 +187,25 @@ def generate(
     count = len(prompts)
     last, prev, pos = start.last_logits, start.last_token, start.lengths
     out = []
+    done = None if stop_token is None else torch.zeros(rows, dtype=torch.bool, device=pos.device)
     for step in range(max_new_tokens):
         nxt = sample(last, temperature, top_k, start.generator)
+        if done is not None:
+            nxt = nxt.masked_fill(done, stop_token)  # a finished row repeats its stop token
+            done = done | (nxt == stop_token)
         out.append(nxt)
         if on_tokens is not None:
             on_tokens(nxt[:count])
-        if step + 1 == max_new_tokens:
+        if step + 1 == max_new_tokens or (done is not None and bool(done[:count].all())):
             break
         last = decode(nxt[:, None], pos[:, None], prev)[:, 0]
         prev, pos = nxt, pos + 1
-    return torch.stack(out, 1)[:count].tolist()
+    new = torch.stack(out, 1)[:count].tolist()
+    return new if stop_token is None else [cut_at(row, stop_token) for row in new]
+
+
+def cut_at(tokens: list[int], stop_token: int | None) -> list[int]:
+    """``tokens`` up to and including the first ``stop_token`` (all of them when it is absent or None)."""
+    if stop_token is None or stop_token not in tokens:
+        return list(tokens)
+    return list(tokens[: tokens.index(stop_token) + 1])

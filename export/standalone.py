@@ -139,6 +139,8 @@ class ExportedDecoder:
         return self._decode(tokens.contiguous(), positions.contiguous(), prev.contiguous(), self.k_cache, self.v_cache)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
+        """New tokens per prompt; ``sampling``: temperature, top_k, seed, on_tokens, vocab_limit and
+        stop_token (a row ends at it, e.g. the tokenizer's ``<|bos|>``), as in ``runtime.generate``."""
         return generate(self.prefill, self.decode, prompts, max_new_tokens, rows=self.batch_size,
                         max_seq_len=self.max_seq_len, device=self.device, **sampling)
 
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--print-tokens", action="store_true", help="also print the new token ids (one line per prompt)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="go on after the end-of-document token <|bos|> (default: a prompt's text ends there)")
     args = p.parse_args(argv)
     # This file runs without the training code, so it has its own copy of the commands' error policy:
     # bad input is one line and exit code 2, a failed read or write one line and exit code 1.
@@ -199,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_text(args) -> tuple:
-    """Prompts in ``args`` (package, tokenizer, prompt, max_new_tokens, temperature, top_k, seed) ->
-    (codec, new token ids per prompt, seconds, plan), row 0 streamed to stdout; shared with snlp-generate."""
+    """Prompts in ``args`` (package, tokenizer, prompt, max_new_tokens, temperature, top_k, seed,
+    no_stop) -> (codec, new token ids per prompt, seconds, plan), row 0 streamed to stdout (special
+    tokens left out); a row ends at the end-of-document token ``<|bos|>`` (kept in its ids) unless
+    ``args.no_stop``; shared with snlp-generate."""
     from .text import Streamer, TextCodec
 
     package = load_package(args.package)
@@ -210,7 +216,8 @@ def generate_text(args) -> tuple:
     start = time.perf_counter()
     with torch.inference_mode():
         new = package.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               seed=args.seed, on_tokens=Streamer(codec), vocab_limit=limit)
+                               seed=args.seed, on_tokens=Streamer(codec), vocab_limit=limit,
+                               stop_token=None if getattr(args, "no_stop", False) else codec.bos)
     return codec, new, time.perf_counter() - start, package.manifest["plan"]
 
 

@@ -52,8 +52,10 @@ class TextCodec:
             raise TokenizerError(f"prompt {shown[:80]} is not valid UTF-8 text") from None
         return [self.bos] + self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """The text of ``ids``; special tokens such as ``<|bos|>`` (a document boundary) are left
+        out unless ``skip_special`` is False."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
     def __str__(self) -> str:
         return f"tokenizer {self.path}"
@@ -65,10 +67,11 @@ def _first_line(err: BaseException) -> str:
 
 
 class Streamer:
-    """Prints the text of row 0 as its tokens arrive (``on_tokens`` callback of the runtime)."""
+    """Prints the text of row 0 as its tokens arrive (``on_tokens`` callback of the runtime);
+    special tokens such as ``<|bos|>`` are never printed."""
 
-    def __init__(self, codec: TextCodec, out=sys.stdout):
-        self.codec, self.out, self.ids, self.shown = codec, out, [], ""
+    def __init__(self, codec: TextCodec, out=None):
+        self.codec, self.out, self.ids, self.shown = codec, out if out is not None else sys.stdout, [], ""
 
     def __call__(self, tokens) -> None:
         self.ids.append(int(tokens[0]))

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("export.bench:main", "layer-parallel vs sequential, speed and quality, side by side in one process"),
     "eval": ("export.evaluate:main", "the paper's evaluation: PPL, bits per byte, agreement, speed per plan (resumable)"),
     "diagnose": ("snlp_lightning.diagnostics:main", "why a plan fails: per-layer IDN error and Jacobian spectral radius over depth"),
+    "gpu-check": ("export.gpu_check:main", "every CUDA path in one timed run (a CPU dry run without CUDA): summary, checks.json, tables"),
     "quickstart": ("snlp_lightning.quickstart:main", "the README's main job offline on a CPU: prepare, fit, validate, PPL table"),
     "demo": ("snlp_lightning.demo:main", "every solver plan against the sequential model, on small untrained models"),
 }

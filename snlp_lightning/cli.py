@@ -50,6 +50,36 @@ class OneLineParser(LightningArgumentParser):
         print(f"snlp: error: {line} (all options: {prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
+    def _parse_common(self, cfg, *args, **kwargs):
+        """Resolve the accelerator-dependent precision default before jsonargparse prints
+        (``--print_config``), validates and returns the config (so the printed and saved configs
+        show the precision the run uses). A jsonargparse without this hook falls back to
+        ``SNLPCLI.before_instantiate_classes``, which resolves it for the run itself."""
+        resolve_precision(cfg)
+        return super()._parse_common(cfg, *args, **kwargs)
+
+
+def default_precision(accelerator) -> str:
+    """The precision of a run that does not set ``trainer.precision``: ``bf16-mixed`` (bf16 autocast
+    over float32 weights) when the run trains on CUDA, ``32-true`` otherwise. ``accelerator``: the
+    config's ``trainer.accelerator``; "cpu" is float32 even on a machine with CUDA, "gpu" / "cuda"
+    is CUDA, "auto" (or unset) is CUDA when there is one; any other accelerator (mps, tpu, an
+    Accelerator object) gets 32-true."""
+    name = accelerator.lower() if isinstance(accelerator, str) else accelerator
+    if name in ("gpu", "cuda") or (name in ("auto", None) and torch.cuda.is_available()):
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_precision(cfg) -> None:
+    """Replace an unset ``trainer.precision`` (None) of ``cfg`` (a subcommand's namespace) by
+    ``default_precision`` of its ``trainer.accelerator``; an explicit precision is kept."""
+    try:
+        if "trainer.precision" in cfg and cfg["trainer.precision"] is None:
+            cfg["trainer.precision"] = default_precision(cfg.get("trainer.accelerator"))
+    except (KeyError, TypeError, AttributeError):  # not a namespace with a trainer section
+        pass
+
 
 class SNLPCLI(LightningCLI):
     @staticmethod
@@ -97,6 +127,10 @@ class SNLPCLI(LightningCLI):
                 raise ConfigError(f"{what} {folder} is {path_kind(folder)}, not a folder; choose a folder path")
             if not folder.exists():
                 check_writable_parent(folder, what)
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        resolve_precision(self.config[subcommand] if subcommand else self.config)
 
     def before_validate(self) -> None:
         # Scoring needs trained weights: a checkpoint (resolved by the Trainer for "last") or init_from.
@@ -157,8 +191,9 @@ class SNLPCLI(LightningCLI):
 
 def trainer_defaults() -> dict:
     return {
-        # bf16 autocast where CUDA is, full fp32 on CPU (a config's trainer.precision wins).
-        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        # Unset here: resolve_precision makes it bf16-mixed for a run on CUDA and 32-true for any
+        # other (trainer.accelerator: cpu included, on a machine with CUDA); a config's trainer.precision wins.
+        "precision": None,
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "snlp"}},
     }
 

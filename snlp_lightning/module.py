@@ -152,8 +152,11 @@ class SNLPModule(L.LightningModule):
         """CE of the sequential model plus the weighted regularizer. inputs, targets: (B, T).
 
         The DiagN probes and the Jacobi vectors are drawn here from (probe_seed, step), outside the
-        compiled graph (on the CPU, each from its own generator), so ``compile: true`` compiles once
-        and does not recompile for every step.
+        compiled graph (each from its own generator), so ``compile: true`` compiles once and does not
+        recompile for every step. On a CPU run they are drawn on the CPU (the recorded numbers); on
+        CUDA they are drawn on the device from a CUDA generator with the same seed (no host draw and
+        copy of ~500 MB a step at paper size), so their values depend on the device type: a CUDA run
+        draws other probes than a CPU run of the same seed, reproducibly from step to step and on resume.
         """
         if not self._spectral_checked:  # after any checkpoint load: all-zero weights would give NaN
             if not self.per_block:  # under FSDP each rank holds shards: not checked
@@ -161,12 +164,14 @@ class SNLPModule(L.LightningModule):
             self._spectral_checked = True
         probes = vectors = None
         shape = (*inputs.shape, self.config.n_streams, self.config.n_embd)
+        device = inputs.device
+        on_device = device if device.type == "cuda" else None  # CPU (and other devices): the CPU draw
         if self.regularizer.lambda_diag:
-            gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step)
-            probes = diag_probes(shape, len(self.regularizer.n_par_list(self.config.n_layer)), gen).to(inputs.device)
+            gen = torch.Generator(device=on_device or "cpu").manual_seed(self.probe_seed * 1_000_003 + step)
+            probes = diag_probes(shape, len(self.regularizer.n_par_list(self.config.n_layer)), gen, device=on_device).to(device)
         if self.regularizer.lambda_jacobi:
-            gen = torch.Generator().manual_seed(self.probe_seed * 1_000_003 + step + JACOBI_SEED_OFFSET)
-            vectors = jacobi_vectors(shape, self.config.n_layer, gen).to(inputs.device)
+            gen = torch.Generator(device=on_device or "cpu").manual_seed(self.probe_seed * 1_000_003 + step + JACOBI_SEED_OFFSET)
+            vectors = jacobi_vectors(shape, self.config.n_layer, gen, device=on_device).to(device)
         return self._losses(inputs, targets, reg_weight, probes, vectors)
 
     def _loss_graph(

@@ -273,18 +273,28 @@ def jacobi_term(model: GPT, inputs: BlockInputs, trace: list[Tensor], vectors: T
     return total / L
 
 
-def jacobi_vectors(shape: tuple[int, ...], count: int, generator: torch.Generator | None = None) -> Tensor:
+def jacobi_vectors(shape: tuple[int, ...], count: int, generator: torch.Generator | None = None, device=None) -> Tensor:
     """``count`` Gaussian vectors of ``shape`` (B, T, n, D), normalised to norm 1 over D per token:
-    (count, B, T, n, D), float32, CPU (drawn from ``generator`` on the CPU: device-independent values)."""
-    v = torch.randn((count, *shape), generator=generator, device="cpu")
+    (count, B, T, n, D), float32.
+
+    By default drawn on the CPU from a CPU ``generator`` (device-independent values). ``device``
+    (e.g. "cuda"): drawn on that device from ``generator``, which must then be a generator of that
+    device; the values depend on the device type (the same seed gives other vectors than on the CPU).
+    """
+    v = torch.randn((count, *shape), generator=generator, device="cpu" if device is None else device)
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def diag_probes(shape: tuple[int, ...], count: int, generator: torch.Generator | None = None) -> Tensor:
-    """``count`` Rademacher probes of ``shape`` (B, T, n, D), one per N config: (count, B, T, n, D), float32, CPU.
+def diag_probes(shape: tuple[int, ...], count: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """``count`` Rademacher probes of ``shape`` (B, T, n, D), one per N config: (count, B, T, n, D), float32.
 
-    Drawn in order from ``generator`` on the CPU, so the values do not depend on the device.
+    By default drawn in order from ``generator`` on the CPU, so the values do not depend on the
+    device. ``device`` (e.g. "cuda"): drawn on that device from ``generator``, a generator of that
+    device, with no host copy; the values then depend on the device type.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        bits = torch.randint(0, 2, (count, *shape), generator=generator, device=device)
+        return (bits * 2 - 1).to(torch.float32)
     like = torch.empty(()).expand(*shape)  # shape only, no memory
     return torch.stack([rademacher(like, generator) for _ in range(count)])
 

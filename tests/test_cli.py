@@ -14,7 +14,7 @@ from cli_helpers import ONE_THREAD, installed, run_installed
 from snlp_lightning import compat
 from snlp_lightning.__main__ import ALIASES, COMMANDS
 
-SUBCOMMANDS = ("fit", "validate", "prepare", "generate", "export", "bench", "eval", "diagnose", "quickstart", "demo")
+SUBCOMMANDS = ("fit", "validate", "prepare", "generate", "export", "bench", "eval", "diagnose", "gpu-check", "quickstart", "demo")
 
 
 def one_line(stderr: str) -> str:
@@ -27,7 +27,7 @@ def test_snlp_help_lists_every_subcommand_with_a_line_each():
     done = run_installed("snlp", "--help")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: snlp COMMAND")
-    described = dict(re.findall(r"^  ([a-z]+)  +(\S.*)$", done.stdout, flags=re.MULTILINE))
+    described = dict(re.findall(r"^  ([a-z-]+)  +(\S.*)$", done.stdout, flags=re.MULTILINE))
     assert tuple(described) == SUBCOMMANDS == tuple(COMMANDS)
     assert all(len(about) > 20 for about in described.values())
     assert all(alias in done.stdout for alias in ALIASES)  # the old names are mentioned as aliases

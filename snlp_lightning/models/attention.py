@@ -17,12 +17,20 @@ benchmarks' ``--cpu-attention fast``) lets SDPA pick its CPU flash kernel instea
 in float64 to about 1e-15, different in float32 rounding (about 1e-6 per call), so a 300-step
 training run ends a few tenths of a PPL point elsewhere. CUDA always gets the fast kernels.
 
-Attention over a KV cache is ``kv_cache.KVCache.attend``.
+Attention over a KV cache is ``kv_cache.KVCache.attend`` (``fused_sdpa``).
+
+A fallback on CUDA: when the fused kernel SDPA picks raises a RuntimeError for a shape (a known
+crash class: memory-efficient / cuDNN attention with a mask whose last dimension is not a multiple
+of 8 / 16), the call is retried once under SDPA's math kernel, a warning names the shape, and
+later eager calls of that shape go to the math kernel directly (``with_math_fallback``). Not
+inside torch.compile (the compiled code has its own kernels), and never on the CPU.
 """
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +60,53 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bo
         if mask is not None:  # the op takes an additive mask; SDPA converts a boolean one the same way
             mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         return _math_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    return fused_sdpa(q, k, v, mask, causal)
+
+
+def fused_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` (the kernel SDPA picks), grouped-query when Hkv < Hq; on
+    CUDA, outside compiled code, with the math-kernel fallback of ``with_math_fallback``."""
+    gqa = q.size(1) != k.size(1)
+    call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)  # noqa: E731
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return call()
+    key = (tuple(q.shape), tuple(k.shape), None if mask is None else (tuple(mask.shape), mask.dtype), causal, q.dtype)
+    return with_math_fallback(call, key)
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_math_shapes: set = set()  # the shapes whose fused kernel failed once: they go to the math kernel
+
+
+def _math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def with_math_fallback(call: Callable[[], Tensor], key, math_kernel: Callable = _math_kernel) -> Tensor:
+    """``call()``; if it raises a RuntimeError (not out-of-memory), ``call()`` again once under
+    ``math_kernel()`` (SDPA's math kernel), warn once naming ``key`` (the call's shapes), and send
+    every later call of ``key`` straight to the math kernel. A failure under the math kernel is
+    raised. (An asynchronous CUDA error, e.g. a misaligned address reported later, is not caught:
+    it surfaces outside the call and leaves the context unusable.)"""
+    if key in _math_shapes:
+        with math_kernel():
+            return call()
+    try:
+        return call()
+    except _OOM:
+        raise
+    except RuntimeError as err:
+        with math_kernel():
+            out = call()
+        _math_shapes.add(key)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(
+            f"scaled_dot_product_attention failed for shape {key} ({first[:200]}); using the math kernel for this shape",
+            RuntimeWarning, stacklevel=2,
+        )
+        return out
 
 
 def full_windows(windows: Windows, length: int) -> bool:

@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import band_mask
+from .attention import band_mask, fused_sdpa
 
 
 def mask_tables(windows: list[int], max_len: int, device) -> tuple[Tensor, tuple[int, ...]]:
@@ -92,5 +91,5 @@ class KVCache:
         else:
             index = torch.tensor([self.mask_windows.index(w) for w in flat], device=q.device)
             mask = self.masks[index][:, positions].transpose(0, 1)  # (B, G * Hq, T, Tmax)
-        y = F.scaled_dot_product_attention(heads, keys, values, attn_mask=mask, enable_gqa=heads.size(1) != keys.size(1))
+        y = fused_sdpa(heads, keys, values, mask)  # F.scaled_dot_product_attention (+ the CUDA fallback)
         return y.view(b, g, hq, t, hd).permute(1, 0, 3, 2, 4)
