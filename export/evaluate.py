@@ -68,6 +68,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=8, help="prompts for --generate / --speculative (taken from the stream)")
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     p.add_argument("--speculative", action="store_true", help="self-speculative sweep (draft length x temperature) of the first plan")
+    p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4, 6, 8], help="--speculative: draft lengths D (default 2 4 6 8)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0], help="--speculative: temperatures (default 0 0.7 1)")
+    p.add_argument("--new-tokens", type=int, default=64, help="--speculative: tokens generated per prompt (default 64)")
     p.add_argument("--save-every", type=int, default=8, help="rewrite eval.json every this many contexts (default 8)")
     p.add_argument("--overwrite", action="store_true", help="start over when OUT holds an earlier eval with other settings")
     p.add_argument("--seed", type=int, default=0, help="seed of the DiagN probes and of sampling")
@@ -149,12 +152,15 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 def _check_args(args) -> list[SolverPlan]:
-    for name in ("seq_len", "tokens", "iters", "prompts", "prompt_len", "save_every"):
+    for name in ("seq_len", "tokens", "iters", "prompts", "prompt_len", "save_every", "new_tokens"):
         value = getattr(args, name)
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value} is not allowed: must be a positive integer")
     if args.warmup < 0:
         raise UserError(f"--warmup {args.warmup} is not allowed: must be >= 0")
+    if any(d < 1 for d in args.draft_lens) or any(not 0 <= t < float("inf") for t in args.temperatures):
+        raise UserError(f"--draft-lens {args.draft_lens} / --temperatures {args.temperatures} are not allowed: "
+                        "draft lengths >= 1, temperatures finite and >= 0")
     if any(n < 1 for n in args.generate):
         raise UserError(f"--generate {args.generate} is not allowed: lengths must be positive integers")
     plans = []
@@ -240,6 +246,7 @@ def run(args) -> dict:
         "seq_len": seq_len, "tokens": args.tokens, "plans": [str(p) for p in plans], "dtype": str(dtype).removeprefix("torch."),
         "device": device.type, "seed": args.seed, "speed": args.speed, "warmup": args.warmup, "iters": args.iters,
         "generate": list(args.generate), "prompts": args.prompts, "prompt_len": args.prompt_len, "speculative": args.speculative,
+        "draft_lens": list(args.draft_lens), "temperatures": list(args.temperatures), "new_tokens": args.new_tokens,
     }
     out, state = _check_out(args.out, settings, args.overwrite)
     stream = token_stream(args.data, tokenizer, args.tokens, seq_len)
@@ -294,7 +301,9 @@ def run(args) -> dict:
     if args.speculative and not state.speculative:
         from .quality import speculative_sweep
 
-        state.speculative = _jsonable(speculative_sweep(model, plans[0], prompts.to(device), seed=args.seed))
+        state.speculative = _jsonable(speculative_sweep(
+            model, plans[0], prompts.to(device), draft_lens=tuple(args.draft_lens), temperatures=tuple(args.temperatures),
+            new_tokens=args.new_tokens, seed=args.seed))
         save()
     print(markdown(state, cfg.n_layer))
     print(f"\n{PROG}: results in {out / 'eval.json'} and {out / 'eval.md'}")

@@ -140,3 +140,18 @@ def test_a_nanochat_checkpoint_is_scored_with_its_own_tiktoken_tokenizer(tmp_pat
     assert seq["ppl"] == pytest.approx(math.exp(nll / 64), rel=1e-6)
     assert seq["bytes"] == nbytes and seq["bits_per_byte"] == pytest.approx(nats_b / (math.log(2) * nbytes), rel=1e-6)
     assert result["results"]["idn:n2:K2:h0"]["top1"] == 1.0  # K = C
+
+
+def test_eval_speculative_sweep_lands_in_the_results(trained_checkpoint, bundled_data, tmp_path):
+    result = evaluate.run(eval_args(trained_checkpoint, bundled_data, tmp_path / "spec", "--no-speed", "--generate", "4", "8",
+                                    "--prompts", "2", "--prompt-len", "8", "--speculative", "--draft-lens", "2",
+                                    "--temperatures", "0", "--new-tokens", "8"))
+    (row,) = result["speculative"]
+    assert (row["plan"], row["draft_len"], row["temperature"]) == ("idn:n2:K1:h0", 2, 0.0)
+    assert row["equals_sequential"] is True and 0.0 <= row["alpha"] <= 1.0
+    assert row["tokens_per_round"] == pytest.approx((row["accepted"] + row["row_rounds"]) / row["row_rounds"])
+    plans = [(g["plan"], g["reference"]) for g in result["generation"]]
+    assert plans == [("idn:n2:K1:h0", "sequential"), ("idn:n4:K4:h0", "sequential")]
+    assert result["generation"][1]["match"] == {"4": 1.0, "8": 1.0}  # K = C decodes the sequential tokens
+    report = (tmp_path / "spec" / "eval.md").read_text()
+    assert "Self-speculative decoding" in report and "match@8" in report
