@@ -37,7 +37,7 @@ import torch
 
 from snlp_lightning import compat
 from snlp_lightning.errors import (
-    ArgumentParser, Fault, UserError, at_least, atomic_file, atomic_write_text, check_writable_parent, clean_stale_temps, path_kind, require_dir,
+    ArgumentParser, Fault, UserError, at_least, atomic_write_text, check_writable_parent, clean_stale_temps, path_kind, require_dir, save_figure,
     run_entry,
 )
 from snlp_lightning.solvers import SolverPlan
@@ -504,11 +504,7 @@ def plot(results: dict, length: int, path: Path) -> None:
     ax.set_title(results["header"]["device"], fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ArgumentParser, UserError, at_least, atomic_file, atomic_write_text, path_kind, run_entry
+from .errors import ArgumentParser, UserError, at_least, atomic_write_text, path_kind, run_entry, save_figure
 
 PROG = "snlp diagnose"
 FILES = ("diagnose.md", "diagnose.json", "diagnose.png")
@@ -149,11 +149,7 @@ def plot_depth(errors: list[dict], radii: list[float], path, layers=None) -> Non
     right.set_ylabel("IDN K=1 relative error", color="tab:red")
     left.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -372,6 +372,17 @@ def _umask() -> int:
     return mask
 
 
+def save_figure(fig, target: str | Path) -> None:
+    """A matplotlib figure as a PNG at ``target``, written atomically (``atomic_file``); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(target) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+
+
 def atomic_write_text(target: str | Path, text: str) -> None:
     with atomic_file(target, "w") as f:
         f.write(text)
