@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The command (``prog`` names it in --help and error lines)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
-    return run_entry(prog, run, args)
+    run_entry(prog, run, args)  # run returns the results (for the API); the command's exit code is 0
+    return 0
 
 
 def _check_args(args) -> list[SolverPlan]:

@@ -86,7 +86,10 @@ def test_an_interrupted_eval_resumes_to_the_same_numbers(trained_checkpoint, bun
 
 def test_eval_output_folder_rules(trained_checkpoint, bundled_data, tmp_path):
     out = tmp_path / "eval"
-    evaluate.run(eval_args(trained_checkpoint, bundled_data, out, "--no-speed"))
+    argv = ["--checkpoint", str(trained_checkpoint), "--data", str(bundled_data), "--seq-len", str(SEQ), "--tokens", str(TOKENS),
+            "--plans", "idn:n2:K1", "--no-speed", "--out", str(out)]
+    assert evaluate.main(argv) == 0  # the command's exit code (run's return value is the results, for the API)
+    assert evaluate.main(argv) == 0  # run again: a complete eval resumes to the same files
     with pytest.raises(UserError, match=r"holds an eval with other settings \(.*plans.*\): run the same command to resume it"):
         evaluate.run(evaluate.build_parser().parse_args([
             "--checkpoint", str(trained_checkpoint), "--data", str(bundled_data), "--seq-len", str(SEQ),
