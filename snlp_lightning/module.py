@@ -273,11 +273,6 @@ class SNLPModule(L.LightningModule):
         return self.optim_config.schedule_steps or max(int(self.trainer.estimated_stepping_batches), 1)
 
     def configure_optimizers(self):
-        if self.per_block and self.optim_config.optimizer == "nanochat":
-            raise ConfigError(
-                "optim.optimizer='nanochat' does not work under FSDP (its Muon stacks whole 2-D matrices, "
-                "FSDP shards them): set --model.optim.optimizer adamw"
-            )
         # Tokens per optimizer step over all ranks, for the batch-size LR / weight-decay scaling
         # (None when the batch or the sequence length is unknown: build_optimizer then refuses them).
         datamodule = getattr(self.trainer, "datamodule", None)
