@@ -1,5 +1,5 @@
-"""Load a trained model for export: a Lightning checkpoint of ``snlp fit`` or a nanochat checkpoint,
-and the settings every export command parses the same way (dtype, device).
+"""Load a trained model for export: a Lightning checkpoint of ``snlp fit``, a nanochat checkpoint or
+a Hugging Face folder (Llama, Qwen2, Gemma 3), and the settings every export command parses the same way (dtype, device).
 
     model, tokenizer_path = load_model("runs/quickstart/checkpoints/last.ckpt")
 """
@@ -14,17 +14,24 @@ from snlp_lightning.checkpoint_io import AtomicCheckpointIO
 from snlp_lightning.config import ModelConfig
 from snlp_lightning.errors import UserError, path_kind
 from snlp_lightning.models import GPT, build
-from snlp_lightning.models.nanochat_io import CheckpointError, load_nanochat
+from snlp_lightning.models.nanochat_io import CheckpointError
+from snlp_lightning.models.pretrained import hf_source, load_pretrained
 from snlp_lightning.regularizer import fold_spectral_norm
 from snlp_lightning.text import tokenizer_file_near
 
 MODEL_PREFIX = "model."
-NANOCHAT_HINT = "a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it), or a folder holding one"
+NANOCHAT_HINT = ("a .ckpt written by snlp fit, a nanochat model_*.pt (meta_*.json beside it) or a folder holding one, "
+                 "or a Hugging Face model folder (config.json)")
 
 
 def check_checkpoint_path(path: str | Path) -> Path:
     """``path`` must be a .ckpt file, a nanochat ``model_*.pt`` file, or a folder holding one; else a
     CheckpointError saying what it is instead."""
+    folder = hf_source(path)
+    if folder is not None:
+        if not folder.is_dir():
+            raise CheckpointError(f"Hugging Face model folder {folder} is {path_kind(folder)}: give a folder holding config.json")
+        return folder
     path = Path(path).expanduser()
     kind = path_kind(path)
     if kind == "missing":
@@ -52,9 +59,12 @@ def load_model(path: str | Path) -> tuple[GPT, Path | None]:
     Only tensors and plain containers are unpickled (``weights_only=True``).
     """
     path = check_checkpoint_path(path)
+    if hf_source(path) is not None:  # its own tokenizer.json, when it has one
+        found = path / "tokenizer.json"
+        return load_pretrained(path).eval(), found if found.is_file() else None
     if path.suffix != ".ckpt" or path.is_dir():
         found = tokenizer_file_near(path)  # generation reads tokenizer.json; snlp eval also nanochat's tokenizer.pkl
-        return load_nanochat(path).eval(), found if found is not None and found.suffix == ".json" else None
+        return load_pretrained(path).eval(), found if found is not None and found.suffix == ".json" else None
     checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
     model = build(ModelConfig.from_checkpoint(path, checkpoint))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}

@@ -259,8 +259,11 @@ def cached_package(
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description="Export a checkpoint + plan to an AOTInductor package.")
-    p.add_argument("--checkpoint", required=True, help="a .ckpt from snlp fit, or a nanochat checkpoint")
+    p = ArgumentParser(prog=prog, description="Export a checkpoint + plan to an AOTInductor package, or a Llama / Qwen2 / "
+                       "Gemma 3 checkpoint to a Hugging Face folder (--format hf).")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt from snlp fit, a nanochat checkpoint, or a Hugging Face folder")
+    p.add_argument("--format", choices=("package", "hf"), default="package",
+                   help="package: the compiled layer-parallel decoder; hf: a folder transformers loads (HF families only)")
     p.add_argument("--plan", default="seq", help="solver plan, e.g. idn:n6:3xF2:K2")
     p.add_argument("--out", required=True, help="output folder (new, or an earlier package with --overwrite)")
     p.add_argument("--batch-size", type=at_least(1), default=1, help="KV cache rows")
@@ -268,7 +271,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's training tokenizer)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier snlp-export package")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier snlp-export package (hf: its model files)")
     return p
 
 
@@ -287,6 +290,8 @@ def _run(args) -> int:
     # Every check that needs no model first: a bad --out or setting costs no checkpoint load.
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     checkpoint = check_checkpoint_path(args.checkpoint)
+    if args.format == "hf":
+        return _run_hf(args, checkpoint, dtype)
     check_package_dir(args.out, args.overwrite, [checkpoint, *([args.tokenizer] if args.tokenizer else [])])
     model, tokenizer = load_model(checkpoint)
     tokenizer = args.tokenizer or tokenizer
@@ -301,6 +306,21 @@ def _run(args) -> int:
     out = export_package(decoder, args.out, tokenizer, args.overwrite, inputs=[checkpoint])
     size = (out / "model.pt2").stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, plan {decoder.plan}, {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _run_hf(args, checkpoint, dtype) -> int:
+    """``--format hf``: the model as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
+    from snlp_lightning.models.hf_io import save_hf
+
+    from .checkpoint import load_model
+
+    model, tokenizer = load_model(checkpoint)
+    if not model.config.is_hf:
+        raise UserError(f"--format hf writes Llama / Qwen2 / Gemma 3 models; {checkpoint} is a {model.config.family} model "
+                        "(nanochat checkpoints: snlp_lightning.models.nanochat_io.save_nanochat)")
+    out = save_hf(model, args.out, tokenizer_from=args.tokenizer or tokenizer, dtype=dtype, overwrite=args.overwrite)
+    print(f"wrote {out} (Hugging Face {model.config.family} folder, {dtype})")
     return 0
 
 

@@ -32,11 +32,17 @@ class ConfigError(UserError):
 
 
 MhcVariant = Literal["static", "dynamic"]
+Family = Literal["nanochat", "llama", "qwen2", "gemma3"]
+FAMILY_NAMES = ("nanochat", "llama", "qwen2", "gemma3")  # mHC is nanochat with use_mhc=True
+AttentionBias = Literal["none", "qkv", "all"]
+RopeType = Literal["default", "linear", "llama3"]
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a nanochat GPT or an mHC Transformer (spec sections 5 and 9)."""
+    """Architecture of a nanochat GPT, an mHC Transformer (spec sections 5 and 9), or a Hugging
+    Face Llama / Qwen2 / Gemma 3 text model (``family``; ``models/llama.py``)."""
 
     sequence_len: int = 256
     vocab_size: int = 4096
@@ -58,20 +64,45 @@ class ModelConfig:
     mhc_sinkhorn_iters: int = 10
     mhc_sinkhorn_tau: float = 0.05
     rope_base: float = 100000.0
-    logit_softcap: float = 15.0
+    logit_softcap: float | None = 15.0  # None: no softcap (HF families without final_logit_softcapping)
     pad_vocab_to: int = 64
     # Multi-token prediction (training only): k heads, head k predicting the token k + 1 steps
     # beyond the next one from the same hidden state; their CE is added with mtp_loss_weight each.
     num_mtp_steps: int = 0
     mtp_loss_weight: float = 0.3
+    # -- the Hugging Face families (family != "nanochat"); nanochat models leave these at their
+    # defaults. Names follow the transformers config where they differ from nanochat's. ------------
+    family: Family = "nanochat"
+    intermediate_size: int | None = None  # the MLP's hidden width (HF families need it)
+    head_size: int | None = None  # explicit head width (HF head_dim); None = n_embd // n_head
+    norm_eps: float = 1e-6  # RMSNorm epsilon of the HF families (nanochat: torch's default)
+    attention_bias: AttentionBias = "none"  # "qkv": Qwen2's q, k, v biases; "all": Llama attention_bias
+    mlp_bias: bool = False  # Llama mlp_bias
+    tie_embeddings: bool = False  # lm_head shares the embedding table (tie_word_embeddings)
+    rope_type: RopeType = "default"  # RoPE scaling of the full-attention layers
+    rope_factor: float = 1.0  # linear / llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3 scaling
+    rope_high_freq_factor: float = 4.0  # llama3 scaling
+    rope_original_len: int = 8192  # llama3 scaling: original_max_position_embeddings
+    rope_local_base: float | None = None  # Gemma 3: RoPE theta of the sliding layers (None: rope_base)
+    sliding_window: int | None = None  # HF sliding window: a query sees this many keys, itself included
+    layer_types: tuple[str, ...] | None = None  # per layer "full_attention" / "sliding_attention"
+    query_pre_attn_scalar: float | None = None  # Gemma 3: attention scale is its ^-0.5 (None: head_dim)
 
     def __post_init__(self) -> None:
+        if isinstance(self.layer_types, list):  # YAML / JSON give lists; a frozen config keeps tuples
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def is_hf(self) -> bool:
+        """A Hugging Face family (Llama, Qwen2, Gemma 3) rather than nanochat / mHC."""
+        return self.family != "nanochat"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -94,6 +125,9 @@ class ModelConfig:
     def window_sizes(self) -> list[int]:
         """Left window per layer: a query at position i sees keys i - w .. i (w + 1 keys)."""
         long_w = self.sequence_len
+        if self.is_hf:  # HF's sliding window W counts the query itself: w = W - 1
+            types = self.layer_types or ("full_attention",) * self.n_layer
+            return [self.sliding_window - 1 if t == "sliding_attention" else long_w for t in types]
         short_w = self.short_window
         if short_w is None:
             short_w = max(128, math.ceil(self.sequence_len / 4 / 128) * 128)
@@ -121,16 +155,19 @@ class ModelConfig:
         if isinstance(self.mtp_loss_weight, bool) or not isinstance(self.mtp_loss_weight, (int, float)) \
                 or not math.isfinite(self.mtp_loss_weight) or self.mtp_loss_weight < 0:
             raise bad("mtp_loss_weight", "must be a finite number >= 0")
-        for name in ("rope_base", "logit_softcap", "mhc_sinkhorn_tau"):
+        for name in ("rope_base", "logit_softcap", "mhc_sinkhorn_tau", "norm_eps", "rope_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor", "rope_local_base", "query_pre_attn_scalar"):
             value = getattr(self, name)
+            if value is None and name in ("logit_softcap", "rope_local_base", "query_pre_attn_scalar"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise bad(name, "must be a finite number > 0")
+                raise bad(name, "must be a finite number > 0" + (" or None" if name in ("logit_softcap", "rope_local_base", "query_pre_attn_scalar") else ""))
         if not isinstance(self.window_pattern, str):
             raise bad("window_pattern", "a string of the letters S (short) and L (long), e.g. 'SSSL' or 'L'")
         if self.short_window is not None and (not isinstance(self.short_window, int) or isinstance(self.short_window, bool)):
             raise bad("short_window", "must be None or a positive integer")
-        if self.n_embd % self.n_head:
-            raise bad("n_embd", f"must be a multiple of n_head={self.n_head}")
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise bad("n_embd", f"must be a multiple of n_head={self.n_head} (or set head_size)")
         if self.head_dim % 2:
             raise bad("n_embd", f"n_embd / n_head must be even for rotary embeddings (got head_dim {self.head_dim})")
         if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
@@ -148,6 +185,42 @@ class ModelConfig:
         if self.use_mhc and not self.no_x0_resid:
             # The authors' mHC forces no_x0_resid; a blend on top of stream mixing is not defined.
             raise bad("no_x0_resid", "mHC models have no resid / x0 lambdas: set no_x0_resid=True")
+        self._validate_family(bad)
+
+    def _validate_family(self, bad) -> None:
+        """The HF families' fields: set only for them, and the nanochat features off for them."""
+        if self.family not in FAMILY_NAMES:
+            raise bad("family", f"one of {', '.join(FAMILY_NAMES)} (mHC: family nanochat with use_mhc=True)")
+        for name in ("intermediate_size", "head_size", "sliding_window", "rope_original_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise bad(name, "must be a positive integer" + ("" if name == "rope_original_len" else " or None"))
+        if self.attention_bias not in ("none", "qkv", "all"):
+            raise bad("attention_bias", "one of 'none', 'qkv' (Qwen2), 'all' (Llama attention_bias)")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise bad("rope_type", "one of 'default', 'linear', 'llama3'")
+        for name in ("mlp_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if not self.is_hf:
+            if self.logit_softcap is None:
+                raise bad("logit_softcap", "nanochat's head softcaps its logits: a number > 0")
+            hf_only = [f.name for f in dataclasses.fields(self) if f.name in _HF_ONLY and getattr(self, f.name) != f.default]
+            if hf_only:
+                raise bad(hf_only[0], f"is a field of the Hugging Face families (family llama / qwen2 / gemma3), not of family {self.family!r}")
+            return
+        nanochat_on = [(n, v) for n, v in (("smear", False), ("backout", False), ("no_ve", True), ("no_x0_resid", True),
+                                          ("use_mhc", False), ("num_mtp_steps", 0)) if getattr(self, n) != v]
+        if nanochat_on:
+            name, want = nanochat_on[0]
+            raise bad(name, f"is a nanochat feature; family {self.family!r} needs {name}={want}")
+        if self.intermediate_size is None:
+            raise bad("intermediate_size", f"family {self.family!r} needs the MLP width (HF intermediate_size)")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise bad("layer_types", f"None or {self.n_layer} entries (n_layer), each one of {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise bad("sliding_window", "must be set when layer_types has sliding_attention layers")
 
     def replace(self, **changes) -> "ModelConfig":
         _check_fields(changes)
@@ -204,6 +277,165 @@ class ModelConfig:
         return nanochat_meta_config(meta)
 
 
+    @classmethod
+    def from_hf(cls, source, **overrides) -> "ModelConfig":
+        """The architecture of a Hugging Face Llama / Qwen2 / Gemma 3 text model: a model folder
+        (its ``config.json``), the file itself, or the parsed dict. ``overrides``: fields to change,
+        e.g. ``sequence_len`` (default: the model's max_position_embeddings). transformers is not
+        needed. Errors name the file or the field and what is allowed."""
+        if isinstance(source, Mapping):
+            return cls(**{**hf_config_fields(source), **overrides})
+        path = Path(source)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: a Hugging Face model folder holds config.json")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise CheckpointError(f"{path} is not a JSON file ({first_line(err)})") from None
+        try:
+            fields = hf_config_fields(raw)
+            _check_fields(overrides)
+            return cls(**{**fields, **overrides})
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+
+    def to_hf(self) -> dict:
+        """This config as a transformers ``config.json`` dict (the inverse of ``from_hf``)."""
+        if not self.is_hf:
+            raise ConfigError(f"family {self.family!r} has no Hugging Face config: export_nanochat writes nanochat checkpoints")
+        model_type, arch = HF_MODEL_TYPES[self.family]
+        out = dict(
+            architectures=[arch], model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.n_embd,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+            num_key_value_heads=self.n_kv_head, head_dim=self.head_dim, max_position_embeddings=self.sequence_len,
+            rms_norm_eps=self.norm_eps, tie_word_embeddings=self.tie_embeddings, rope_theta=self.rope_base,
+        )
+        if self.rope_type != "default":
+            scaling = {"rope_type": self.rope_type, "factor": self.rope_factor}
+            if self.rope_type == "llama3":
+                scaling.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                               original_max_position_embeddings=self.rope_original_len)
+            out["rope_scaling"] = scaling
+        if self.family == "llama":
+            out.update(hidden_act="silu", attention_bias=self.attention_bias == "all", mlp_bias=self.mlp_bias)
+        elif self.family == "qwen2":
+            sliding = self.layer_types is not None and "sliding_attention" in self.layer_types
+            out.update(hidden_act="silu", use_sliding_window=sliding, sliding_window=self.sliding_window,
+                       max_window_layers=self.layer_types.index("sliding_attention") if sliding else self.n_layer)
+        else:
+            out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=self.attention_bias == "all",
+                       query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                       rope_local_base_freq=self.rope_local_base or self.rope_base,
+                       final_logit_softcapping=self.logit_softcap, attn_logit_softcapping=None)
+        if self.family != "llama":  # written out, so transformers derives no other pattern
+            out["layer_types"] = list(self.layer_types or ("full_attention",) * self.n_layer)
+        return out
+
+
+# -- Hugging Face config.json ---------------------------------------------------------------------
+HF_MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                  "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+_HF_FAMILY = {model_type: family for family, (model_type, _) in HF_MODEL_TYPES.items()}
+_HF_ROPE_THETA = {"llama": 10000.0, "qwen2": 10000.0, "gemma3": 1_000_000.0}  # transformers' defaults
+
+
+# The config.json sizes every family states (transformers' defaults are not this project's).
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def hf_config_fields(raw: Mapping) -> dict:
+    """transformers' config.json dict (old and new RoPE formats) -> ModelConfig fields. ConfigError
+    names a field this project does not support and what it does support."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a Hugging Face config must be a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type not in _HF_FAMILY:
+        hint = " (a multimodal Gemma 3: use a text-only gemma3_text model)" if model_type == "gemma3" else ""
+        raise ConfigError(f"model_type={model_type!r} is not supported{hint}: one of {', '.join(_HF_FAMILY)}")
+    family = _HF_FAMILY[model_type]
+    need = [k for k in _HF_SIZES if k not in raw]
+    if need:
+        raise ConfigError(f"the config lacks {', '.join(need)}")
+    for key in (*_HF_SIZES, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = raw.get(key)
+        if (value is not None or key in _HF_SIZES) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be a positive integer")
+    act = raw.get("hidden_activation", raw.get("hidden_act")) if family == "gemma3" else raw.get("hidden_act", "silu")
+    want_act = "gelu_pytorch_tanh" if family == "gemma3" else "silu"
+    if act != want_act:
+        raise ConfigError(f"hidden_act={act!r} is not supported for {model_type}: only {want_act!r}")
+    if raw.get("attn_logit_softcapping") is not None:
+        raise ConfigError(f"attn_logit_softcapping={raw['attn_logit_softcapping']!r} is not supported: only null (Gemma 3 has none)")
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"partial_rotary_factor={raw['partial_rotary_factor']!r} is not supported: only 1.0")
+    if raw.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention=true is not supported: SNLP families are causal")
+    n_layer, n_head = raw["num_hidden_layers"], raw["num_attention_heads"]
+    fields = dict(
+        family=family, vocab_size=raw["vocab_size"], n_embd=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
+        n_layer=n_layer, n_head=n_head, n_kv_head=raw.get("num_key_value_heads") or n_head,
+        head_size=raw.get("head_dim") or raw["hidden_size"] // n_head,
+        sequence_len=raw.get("max_position_embeddings", 2048), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", family == "gemma3")), pad_vocab_to=1,
+        smear=False, backout=False, no_ve=True, no_x0_resid=True, logit_softcap=None,
+    )
+    if family == "llama":
+        fields.update(attention_bias="all" if raw.get("attention_bias") else "none", mlp_bias=bool(raw.get("mlp_bias", False)))
+    elif family == "qwen2":
+        fields["attention_bias"] = "qkv"
+    else:
+        fields.update(attention_bias="all" if raw.get("attention_bias") else "none",
+                      query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
+                      logit_softcap=raw.get("final_logit_softcapping"))
+    fields.update(_hf_rope(raw, family))
+    fields.update(_hf_windows(raw, family, n_layer))
+    return fields
+
+
+def _hf_rope(raw: Mapping, family: str) -> dict:
+    """RoPE fields from the new ``rope_parameters`` or the old ``rope_theta`` / ``rope_scaling`` keys."""
+    params = raw.get("rope_parameters")
+    local = None
+    if isinstance(params, Mapping) and "full_attention" in params:  # Gemma 3's per-layer-type dict
+        local = params.get("sliding_attention", {}).get("rope_theta")
+        params = params["full_attention"]
+    if not isinstance(params, Mapping):
+        params = {**(raw.get("rope_scaling") or {}), "rope_theta": raw.get("rope_theta", _HF_ROPE_THETA[family])}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ConfigError(f"rope_type={kind!r} is not supported: one of default, linear, llama3")
+    out = dict(rope_base=float(params.get("rope_theta", _HF_ROPE_THETA[family])), rope_type=kind)
+    if kind != "default":
+        out["rope_factor"] = float(params["factor"])
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]), rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_len=int(params["original_max_position_embeddings"]))
+    if family == "gemma3":
+        out["rope_local_base"] = float(local if local is not None else raw.get("rope_local_base_freq", 10000.0))
+    return out
+
+
+def _hf_windows(raw: Mapping, family: str, n_layer: int) -> dict:
+    """sliding_window and layer_types as transformers derives them for each family."""
+    types = raw.get("layer_types")
+    window = raw.get("sliding_window")
+    if family == "llama":
+        return {}
+    if family == "qwen2":
+        window = window if raw.get("use_sliding_window") else None
+        if types is None:
+            start = raw.get("max_window_layers", 28)
+            types = ["sliding_attention" if window is not None and i >= start else "full_attention" for i in range(n_layer)]
+    else:
+        window = window if window is not None else 4096
+        if types is None:
+            pattern = raw.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+    sliding = "sliding_attention" in types
+    return dict(sliding_window=window if sliding else None, layer_types=tuple(types) if sliding else None)
+
+
 # -- where a nanochat checkpoint keeps its config -------------------------------------------------
 # Sizes a nanochat config must state: our defaults are not nanochat's, so a missing one is an error.
 REQUIRED_NANOCHAT_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -254,6 +486,12 @@ def nanochat_meta_config(meta: Path) -> ModelConfig:
         return _from_nanochat_fields(fields)
     except ConfigError as err:
         raise CheckpointError(f"{meta}: {err}") from None
+
+
+# Fields only the HF families read; a nanochat config must leave them at their defaults.
+_HF_ONLY = ("intermediate_size", "head_size", "norm_eps", "attention_bias", "mlp_bias", "tie_embeddings", "rope_type",
+            "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_len", "rope_local_base",
+            "sliding_window", "layer_types", "query_pre_attn_scalar")
 
 
 def _check_fields(fields) -> None:

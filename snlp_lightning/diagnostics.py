@@ -17,7 +17,6 @@ Unlike the authors' batched code, the blocks here attend with the model's own sl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -115,7 +114,7 @@ def spectral_radius(model, idx: Tensor, layers=None, iters: int = 10, generator:
     for layer in layers:
         # A private input cache, so nothing built inside the transform is kept outside it.
         def block(x: Tensor, layer=layer) -> Tensor:
-            return model.block(layer, x, dataclasses.replace(inputs, _ve_stacks={}))[0]
+            return model.block(layer, x, inputs.private())[0]
 
         radii.append(power_iteration(block, trace[layer], iters, generator))
     return radii

@@ -27,7 +27,8 @@ from .config import ConfigError, ModelConfig
 from .errors import Fault
 from .models import GPT, build
 from .metrics import plan_metrics
-from .models.nanochat_io import CheckpointError, load_nanochat
+from .models.nanochat_io import CheckpointError
+from .models.pretrained import load_pretrained
 from .optim import OptimConfig, build_optimizer
 from .regularizer import (
     JACOBI_SEED_OFFSET,
@@ -60,8 +61,9 @@ class SNLPModule(L.LightningModule):
         optim: optimizer and schedule (nanochat's Muon + AdamW groups).
         eval_plans: solver plans measured at validation, e.g. ``["idn:n4:K1", "idn:n4:K2"]``.
         compile: ``torch.compile`` the training loss computation (CE + regularizer, forward and backward).
-        init_from: a nanochat checkpoint (``model_*.pt`` with ``meta_*.json``) to start from; its
-            config replaces ``config``.
+        init_from: a pretrained model to start from, its config replacing ``config``: a nanochat
+            checkpoint (``model_*.pt`` with ``meta_*.json``) or a Hugging Face Llama / Qwen2 /
+            Gemma 3 folder (``hf:PATH``, or any folder holding a config.json).
         probe_seed: seeds the DiagN regularizer probes (per step, so resumed runs draw the same probes).
     """
 
@@ -77,7 +79,7 @@ class SNLPModule(L.LightningModule):
     ):
         super().__init__()
         if init_from:
-            self.model = load_nanochat(init_from)
+            self.model = load_pretrained(init_from)
             config = self.model.config
         else:
             self.model = build(config)
@@ -304,7 +306,7 @@ class SNLPModule(L.LightningModule):
         if self.require_weights and self.trainer.state.fn == "validate" and self.trainer.ckpt_path is None and not self.init_from:
             raise CheckpointError(
                 "snlp validate found no checkpoint to score (an untrained model would be scored): "
-                "pass --ckpt_path PATH.ckpt, or --model.init_from for a nanochat checkpoint"
+                "pass --ckpt_path PATH.ckpt, or --model.init_from for a nanochat checkpoint or a Hugging Face folder"
             )
 
     def on_validation_epoch_start(self):

@@ -395,9 +395,11 @@ def param_groups(model: GPT, cfg: OptimConfig, lr_scale: float = 1.0, matrix_wei
     lambdas and matrices (smear's 0.2 and mHC's mhc_lr stay fixed, as in the authors' code).
     matrix_weight_decay: the matrices' weight decay (None: cfg.weight_decay).
     """
-    scale = (model.config.n_embd / 768) ** -0.5
     wd = cfg.weight_decay if matrix_weight_decay is None else matrix_weight_decay
     live = lambda ps: [p for p in ps if p.requires_grad]  # noqa: E731
+    if model.config.is_hf:
+        return _hf_groups(model, cfg, lr_scale, wd, live)
+    scale = (model.config.n_embd / 768) ** -0.5
     hc_ids = {id(p) for blk in model.transformer.h for name, p in blk.named_parameters() if name.startswith("hc_")}
     matrices = [p for p in model.transformer.h.parameters() if id(p) not in hc_ids]
     matrices += list(model.mtp_projs.parameters())  # MTP heads are D x D matrices: Muon, as the authors do
@@ -415,11 +417,37 @@ def param_groups(model: GPT, cfg: OptimConfig, lr_scale: float = 1.0, matrix_wei
     if cfg.optimizer == "adamw":
         groups.append(dict(kind="adamw", params=live(matrices), lr=cfg.matrix_lr * lr_scale * 0.1, betas=(0.9, 0.95), eps=1e-10, weight_decay=wd))
     else:
-        extra = dict(beta2=cfg.muon_beta2, ns_steps=5, polar_dtype=cfg.polar_dtype) if cfg.optimizer == "nanochat" else {}
-        for shape in sorted({tuple(p.shape) for p in live(matrices)}):
-            same = [p for p in live(matrices) if tuple(p.shape) == shape]
-            groups.append(dict(kind="muon", params=same, lr=cfg.matrix_lr * lr_scale, momentum=cfg.muon_momentum, weight_decay=wd, **extra))
+        groups += _muon_groups(live(matrices), cfg, cfg.matrix_lr * lr_scale, wd)
     return groups
+
+
+def _muon_groups(matrices: list, cfg: OptimConfig, lr: float, wd: float) -> list[dict]:
+    """One Muon group per matrix shape (the update orthogonalises same-shape matrices together)."""
+    extra = dict(beta2=cfg.muon_beta2, ns_steps=5, polar_dtype=cfg.polar_dtype) if cfg.optimizer == "nanochat" else {}
+    return [dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=lr, momentum=cfg.muon_momentum,
+                 weight_decay=wd, **extra) for shape in sorted({tuple(p.shape) for p in matrices})]
+
+
+def _hf_groups(model, cfg: OptimConfig, lr_scale: float, wd: float, live) -> list[dict]:
+    """The Hugging Face families' groups, at the configured rates as given (no width scaling: a
+    pretrained model is fine-tuned at the rates its config names): the embedding table
+    (embedding_lr; with tied embeddings it is also the head), the untied head (unembedding_lr), the
+    block matrices (Muon at matrix_lr, or AdamW at matrix_lr under ``adamw``) and every vector
+    (norm gains, biases; AdamW at scalar_lr, no weight decay)."""
+    blocks = list(model.transformer.h.parameters())
+    matrices = [p for p in blocks if p.dim() == 2]
+    vectors = [p for p in blocks if p.dim() != 2] + list(model.transformer.ln_f.parameters())
+    head = [] if model.config.tie_embeddings else list(model.lm_head.parameters())
+    adamw = [
+        dict(params=live(head), lr=cfg.unembedding_lr * lr_scale, betas=(0.8, 0.95), weight_decay=0.0),
+        dict(params=live(model.transformer.wte.parameters()), lr=cfg.embedding_lr * lr_scale, betas=(0.8, 0.95), weight_decay=0.0),
+        dict(params=live(vectors), lr=cfg.scalar_lr * lr_scale, betas=(0.8, 0.95), weight_decay=0.0),
+    ]
+    groups = [dict(kind="adamw", eps=1e-10, **g) for g in adamw if g["params"]]
+    if cfg.optimizer == "adamw":
+        groups.append(dict(kind="adamw", params=live(matrices), lr=cfg.matrix_lr * lr_scale, betas=(0.9, 0.95), eps=1e-10, weight_decay=wd))
+        return groups
+    return groups + _muon_groups(live(matrices), cfg, cfg.matrix_lr * lr_scale, wd)
 
 
 # -- the authors' batch and weight-decay transfer -------------------------------------------------

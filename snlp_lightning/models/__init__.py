@@ -16,22 +16,27 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from .mhc import MHCGPT
-from .nanochat import GPT, BlockInputs, TokenRangeError, WideBlocks
+from .family import FamilyModel, TokenRangeError
+from .llama import Llama
+from .nanochat import GPT, BlockInputs, WideBlocks
 
-FAMILIES: dict[str, type[GPT]] = {
+FAMILIES: dict[str, type[FamilyModel]] = {
     "nanochat": GPT,
     "mhc": MHCGPT,
+    "llama": Llama,
+    "qwen2": Llama,
+    "gemma3": Llama,
 }
 
 
 def family_name(config: ModelConfig) -> str:
-    """The registry key of a config's family."""
-    return "mhc" if config.use_mhc else "nanochat"
+    """The registry key of a config's family (mHC: a nanochat config with use_mhc)."""
+    return "mhc" if config.use_mhc else config.family
 
 
-def build(config: ModelConfig) -> GPT:
+def build(config: ModelConfig) -> FamilyModel:
     """A freshly initialised model of the config's family."""
     return FAMILIES[family_name(config)](config)
 
 
-__all__ = ["FAMILIES", "GPT", "MHCGPT", "BlockInputs", "TokenRangeError", "WideBlocks", "build", "family_name"]
+__all__ = ["FAMILIES", "GPT", "MHCGPT", "Llama", "FamilyModel", "BlockInputs", "TokenRangeError", "WideBlocks", "build", "family_name"]

@@ -53,24 +53,25 @@ def set_cpu_kernel(name: str) -> None:
     _cpu_kernel = name
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    """4-D SDPA, (N, Hq, T, hd) x (N, Hkv, S, hd) -> (N, Hq, T, hd), grouped-query when Hkv < Hq."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False, scale: float | None = None) -> Tensor:
+    """4-D SDPA, (N, Hq, T, hd) x (N, Hkv, S, hd) -> (N, Hq, T, hd), grouped-query when Hkv < Hq;
+    scale None = 1 / sqrt(hd)."""
     gqa = q.size(1) != k.size(1)
     if q.device.type == "cpu" and _cpu_kernel == "math":
         if mask is not None:  # the op takes an additive mask; SDPA converts a boolean one the same way
             mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-        return _math_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)[0]
-    return fused_sdpa(q, k, v, mask, causal)
+        return _math_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale)[0]
+    return fused_sdpa(q, k, v, mask, causal, scale)
 
 
-def fused_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+def fused_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False, scale: float | None = None) -> Tensor:
     """``F.scaled_dot_product_attention`` (the kernel SDPA picks), grouped-query when Hkv < Hq; on
     CUDA, outside compiled code, with the math-kernel fallback of ``with_math_fallback``."""
     gqa = q.size(1) != k.size(1)
-    call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)  # noqa: E731
+    call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale)  # noqa: E731
     if not q.is_cuda or torch.compiler.is_compiling():
         return call()
-    key = (tuple(q.shape), tuple(k.shape), None if mask is None else (tuple(mask.shape), mask.dtype), causal, q.dtype)
+    key = (tuple(q.shape), tuple(k.shape), None if mask is None else (tuple(mask.shape), mask.dtype), causal, q.dtype, scale)
     return with_math_fallback(call, key)
 
 
@@ -114,12 +115,13 @@ def full_windows(windows: Windows, length: int) -> bool:
     return min(min(row) for row in windows) >= length - 1
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows, scale: float | None = None) -> Tensor:
     """Grouped-query causal attention of G independent (possibly fused) blocks over T positions.
 
     q: (G, B, T, Hq, hd); k, v: (G, B, T, Hkv, hd), as the projections produce them. Query head h
     reads kv head h // (Hq / Hkv). ``windows``: G rows of Hq left windows (Python ints, so the
-    kernel choice is static under torch.compile). Returns (G, B, T, Hq, hd). Scale 1 / sqrt(hd).
+    kernel choice is static under torch.compile). Returns (G, B, T, Hq, hd). ``scale``: of the
+    scores, None = 1 / sqrt(hd) (Gemma 3 sets its own).
     """
     g, b, t, hq, hd = q.shape
     hkv = k.size(3)
@@ -127,7 +129,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tenso
         # (G, B, T, H, hd) -> (G * B, H, T, hd): a view; SDPA reads the strided layout as is.
         y = sdpa(
             q.view(g * b, t, hq, hd).transpose(1, 2), k.view(g * b, t, hkv, hd).transpose(1, 2),
-            v.view(g * b, t, hkv, hd).transpose(1, 2), causal=True,
+            v.view(g * b, t, hkv, hd).transpose(1, 2), causal=True, scale=scale,
         )
         return y.transpose(1, 2).view(g, b, t, hq, hd)
     # Windows differ between groups: groups move into the head axis, so one (G * Hq)-head window
@@ -137,9 +139,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tenso
 
     flat = tuple(w for row in windows for w in row)
     if q.is_cuda:
-        y = _flex(heads(q), heads(k), heads(v), block_mask=_block_mask(flat, t, q.device), enable_gqa=hq != hkv)
+        y = _flex(heads(q), heads(k), heads(v), block_mask=_block_mask(flat, t, q.device), enable_gqa=hq != hkv, scale=scale)
     else:
-        y = sdpa(heads(q), heads(k), heads(v), mask=band_mask(flat, t, q.device))
+        y = sdpa(heads(q), heads(k), heads(v), mask=band_mask(flat, t, q.device), scale=scale)
     return y.view(b, g, hq, t, hd).permute(1, 0, 3, 2, 4)
 
 

@@ -76,11 +76,12 @@ class KVCache:
         t_max = self.k.size(3)
         return self.k[:, first:stop].view(b, -1, t_max, hd), self.v[:, first:stop].view(b, -1, t_max, hd)
 
-    def attend(self, q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, windows: tuple[tuple[int, ...], ...]) -> Tensor:
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, windows: tuple[tuple[int, ...], ...],
+               scale: float | None = None) -> Tensor:
         """Attention of new queries over the cache (which already holds their own k, v).
 
         q: (G, B, T, M * nh, hd) at ``positions`` (B, T); keys, values: from ``update``; windows: G rows
-        of M * nh per-head left windows. Returns (G, B, T, M * nh, hd).
+        of M * nh per-head left windows; scale: of the scores (None = 1 / sqrt(hd)). Returns (G, B, T, M * nh, hd).
         """
         g, b, t, hq, hd = q.shape
         t_max = keys.size(2)
@@ -91,5 +92,5 @@ class KVCache:
         else:
             index = torch.tensor([self.mask_windows.index(w) for w in flat], device=q.device)
             mask = self.masks[index][:, positions].transpose(0, 1)  # (B, G * Hq, T, Tmax)
-        y = fused_sdpa(heads, keys, values, mask)  # F.scaled_dot_product_attention (+ the CUDA fallback)
+        y = fused_sdpa(heads, keys, values, mask, scale=scale)  # F.scaled_dot_product_attention (+ the CUDA fallback)
         return y.view(b, g, hq, t, hd).permute(1, 0, 3, 2, 4)

@@ -43,15 +43,12 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import UserError
 from .attention import Windows, causal_attention
+from .family import FamilyModel, GroupStack, check_tokens
 from .kv_cache import KVCache
 
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the normed embedding
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the attention input
 QK_SCALE = 1.2  # nanochat sharpens attention by scaling the normed q and k
-
-
-class TokenRangeError(UserError):
-    """Token ids outside the vocabulary, or a token tensor of a shape or dtype the model cannot read."""
 
 
 # -- stateless pieces -----------------------------------------------------------------------------
@@ -147,6 +144,11 @@ class BlockInputs:
     positions: Tensor | None = None
     _ve_stacks: dict = field(default_factory=dict)
 
+    def private(self) -> "BlockInputs":
+        """A copy with its own (empty) cache of value-embedding stacks, for code whose tensors must
+        not outlive it (a torch.func transform, a power iteration)."""
+        return dataclasses.replace(self, _ve_stacks={})
+
     def value_embeds_for(self, layers: tuple[int | None, ...], batch: int) -> Tensor:
         """(G, batch, T, Hkv * hd): layer l's value embedding per group, zeros where None."""
         key = (layers, batch)
@@ -181,7 +183,7 @@ def _project(x: Tensor, w: Tensor) -> Tensor:
 
 
 @dataclass
-class WideBlocks:
+class WideBlocks(GroupStack):
     """G wide blocks of M fused layers each, weights stacked on a leading G axis.
 
     wq: (G, Hq*hd, D), wk/wv: (G, Hkv*hd, D), wo: (G, D, Hq*hd), w_fc: (G, F, D), w_proj: (G, D, F),
@@ -240,23 +242,6 @@ class WideBlocks:
             **extra,
         )
 
-    @property
-    def groups(self) -> int:
-        return len(self.layers)
-
-    def select(self, g: int) -> "WideBlocks":
-        """Wide block g alone, as a G = 1 stack (views)."""
-        return self.take(g, g + 1)
-
-    def take(self, start: int, stop: int) -> "WideBlocks":
-        """Wide blocks start .. stop - 1 as a stack of their own (views)."""
-        def cut(value):
-            if isinstance(value, (Tensor, tuple)):
-                return value[start:stop]
-            return value.take(start, stop) if hasattr(value, "take") else value  # a family's own parts (mHC)
-
-        return dataclasses.replace(self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "head_dim"})
-
     # -- the wide block: x -> blend -> attention sub-layer -> MLP sub-layer ------------------------
     def __call__(self, x: Tensor, inputs: BlockInputs, cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         """x: (G, B, T, n, D), each wide block's input state (before the lambda blend).
@@ -312,13 +297,6 @@ class WideBlocks:
         """Sum over the fused blocks of MLP_m(xn) = c_proj(relu(c_fc xn)^2). (G, B, T, D) -> same."""
         return _project(torch.relu(_project(xn, self.w_fc)).square(), self.w_proj)
 
-    def first_layer(self) -> int:
-        """The first layer of a stack of consecutive layers (the KV cache addresses them from it)."""
-        flat = [layer for group in self.layers for layer in group]
-        if flat != list(range(flat[0], flat[0] + len(flat))):
-            raise ValueError(f"a KV cache serves stacks of consecutive layers, got {self.layers}")
-        return flat[0]
-
     def local(self, inputs: BlockInputs, cache: KVCache) -> tuple["WideBlocks", BlockInputs, KVCache]:
         """The same call with no layer index left in it: layers renumbered from 0, the value
         embeddings it reads keyed by the new numbers, the cache narrowed to its layers (views).
@@ -340,7 +318,7 @@ class WideBlocks:
 
 
 # -- the model ------------------------------------------------------------------------------------
-class GPT(nn.Module):
+class GPT(FamilyModel):
     """nanochat's GPT (spec section 5): embedding with smear, L blocks, backout, softcapped head."""
 
     family = "nanochat"
@@ -418,22 +396,8 @@ class GPT(nn.Module):
         embedding smear mixes into rows whose position is > 0.
         """
         cfg = self.config
-        if not isinstance(idx, Tensor):
-            raise TokenRangeError(f"tokens must be an integer tensor of shape (batch, time), got {type(idx).__name__}")
-        if idx.dim() != 2 or idx.size(0) < 1 or idx.size(1) < 1:
-            raise TokenRangeError(f"tokens must have shape (batch, time) with batch, time >= 1, got {tuple(idx.shape)}")
-        if idx.dtype not in (torch.int64, torch.int32):  # what the embedding takes
-            raise TokenRangeError(f"tokens must be an integer tensor (int64 or int32), got {idx.dtype}")
+        check_tokens(idx, cfg, positions)
         t = idx.size(1)
-        if positions is None and t > cfg.sequence_len:
-            raise TokenRangeError(f"sequence of {t} tokens exceeds sequence_len={cfg.sequence_len}")
-        # A host sync: not inside a compiled graph, nor while a CUDA graph captures a compiled
-        # decoder step (its regions are compiled, the embedding between them is not).
-        if not torch.compiler.is_compiling() and idx.numel() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                bad = hi if hi >= cfg.vocab_size else lo
-                raise TokenRangeError(f"token id {bad} is out of the vocabulary: allowed 0..{cfg.vocab_size - 1}")
         dtype = self.transformer.wte.weight.dtype
         x = rms_norm(self.transformer.wte(idx))
         if cfg.smear and (t > 1 or prev_idx is not None):
@@ -498,10 +462,6 @@ class GPT(nn.Module):
         return lam[0] * h + lam[1] * inputs.x0
 
     # -- head -------------------------------------------------------------------------------------
-    @property
-    def backout_layer(self) -> int:
-        return self.config.n_layer // 2
-
     def hidden(self, h_last: Tensor, h_backout: Tensor | None) -> Tensor:
         """h_last: (B, T, n, D) output of the last block; h_backout: output of block L // 2.
 
@@ -520,27 +480,8 @@ class GPT(nn.Module):
         cap = cfg.logit_softcap
         return cap * torch.tanh(logits / cap)
 
-    def head(self, h_last: Tensor, h_backout: Tensor | None) -> Tensor:
-        """Logits (B, T, vocab_size) from the last block's output and block L // 2's (see ``hidden``)."""
-        return self.logits(self.hidden(h_last, h_backout))
-
     def mtp_logits(self, x: Tensor) -> list[Tensor]:
         """Pre-norm hidden x (B, T, D) -> one logits tensor per MTP head k = 1..num_mtp_steps,
         (B, T - k, vocab_size): position t of head k predicts the token k steps after the next one.
         Each head is a D x D projection before the final norm; the lm_head is shared."""
         return [self.logits(proj(x[:, :-k])) for k, proj in enumerate(self.mtp_projs, start=1)]
-
-    # -- the sequential model ---------------------------------------------------------------------
-    def forward_trace(self, idx: Tensor) -> tuple[BlockInputs, list[Tensor]]:
-        """Sequential forward keeping every state: [h_0, h_1, ..., h_L], each (B, T, n, D)."""
-        inputs, h = self.embed(idx)
-        trace = [h]
-        for layer in range(self.config.n_layer):
-            h, _ = self.block(layer, h, inputs)
-            trace.append(h)
-        return inputs, trace
-
-    def forward(self, idx: Tensor) -> Tensor:
-        """Sequential logits (B, T, vocab_size)."""
-        _, trace = self.forward_trace(idx)
-        return self.head(trace[-1], trace[self.backout_layer + 1])

@@ -11,7 +11,6 @@ A surrogate supplies the batched evaluation (with whatever it needs to know abou
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
@@ -111,7 +110,7 @@ class ExactNewton(Surrogate):
         def jvp(c: int, d: Tensor) -> Tensor:
             chunk = blocks.select(c)
             # A private input cache, so nothing built inside the transform is kept outside it.
-            local = dataclasses.replace(inputs, _ve_stacks={})
+            local = inputs.private()
             fn = lambda x: chunk(x.unsqueeze(0), local)[0].squeeze(0)  # noqa: E731
             # Forward-mode AD through attention exists only in SDPA's math kernel.
             with sdpa_kernel(SDPBackend.MATH):
