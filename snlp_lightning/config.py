@@ -230,8 +230,8 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
         """A named architecture, with field overrides: a preset (``plain``, ``nanochat``, ``mhc``,
-        ``mhc-dynamic``; tiny default sizes) or the model of a run in configs/ (``quickstart``,
-        ``quickstart-mhc``, ``paper-0.5b``, ``paper-0.5b-plain``, ``paper-0.5b-mhc``, ``paper-3b``)."""
+        ``mhc-dynamic``, ``llama``; tiny default sizes) or the model of a run in configs/ (``quickstart``,
+        ``quickstart-mhc``, ``quickstart-llama``, ``paper-0.5b``, ``paper-0.5b-plain``, ``paper-0.5b-mhc``, ``paper-3b``)."""
         named = {**PRESETS, **NAMED_MODELS}
         if not isinstance(name, str) or name not in named:
             raise ConfigError(f"unknown model name {name!r}; allowed: {sorted(named)}")
@@ -511,6 +511,10 @@ PRESETS: dict[str, dict] = {
     "mhc": dict(no_x0_resid=True, no_ve=False, use_mhc=True, mhc_variant="static", mhc_sinkhorn_iters=10),
     # DeepSeek's dynamic mHC: coefficients computed from the normed input, 20 Sinkhorn iterations.
     "mhc-dynamic": dict(no_x0_resid=True, no_ve=False, use_mhc=True, mhc_variant="dynamic", mhc_sinkhorn_iters=20),
+    # A Llama (models/llama.py) of the tiny default width: SwiGLU of ~8/3 D, RoPE theta 10000, no
+    # nanochat extras; real Llama / Qwen2 / Gemma 3 models come from their folders (ModelConfig.from_hf).
+    "llama": dict(family="llama", no_x0_resid=True, no_ve=True, smear=False, backout=False, use_mhc=False,
+                  intermediate_size=352, rope_base=10000.0, pad_vocab_to=1, logit_softcap=None),
 }
 
 # The paper's model sizes (spec section 8); combine with a preset.
@@ -527,6 +531,7 @@ QUICKSTART_SIZE: dict = dict(n_layer=8, n_embd=128, n_head=4, n_kv_head=4, vocab
 NAMED_MODELS: dict[str, dict] = {
     "quickstart": {**PRESETS["plain"], **QUICKSTART_SIZE},
     "quickstart-mhc": {**PRESETS["mhc"], **QUICKSTART_SIZE},
+    "quickstart-llama": {**PRESETS["llama"], **QUICKSTART_SIZE, "tie_embeddings": True},
     "paper-0.5b": {**PRESETS["nanochat"], **PAPER_SIZES["0.5b"]},
     "paper-0.5b-plain": {**PRESETS["plain"], **PAPER_SIZES["0.5b"], "window_pattern": "SSSL"},
     "paper-0.5b-mhc": {**PRESETS["mhc"], **PAPER_SIZES["0.5b"], "window_pattern": "SSSL"},

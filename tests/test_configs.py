@@ -38,6 +38,8 @@ RUNS = {
     "quickstart-baseline": ["quickstart", "quickstart-baseline"],
     "quickstart-mhc": ["quickstart", "quickstart-mhc"],
     "quickstart-mhc-baseline": ["quickstart", "quickstart-mhc", "quickstart-mhc-baseline"],
+    "quickstart-llama": ["quickstart", "quickstart-llama"],
+    "finetune-hf": ["quickstart", "finetune-hf"],
     "paper-0.5b": ["paper-0.5b"],
     "paper-0.5b-baseline": ["paper-0.5b", "paper-0.5b-baseline"],
     "paper-0.5b-plain": ["paper-0.5b", "paper-0.5b-plain"],
@@ -130,6 +132,19 @@ def expected_runs() -> dict[str, dict]:
             "model.eval_plans": ["hcn:n2:K1", "hcn:n4:K1", "hcn:n4:K2", "hcn:n6:K1", "hcn:n6:K2", "hcn:n4:2xF2:K1",
                                  "hcn:n4:2xF2:K2", "hcn:n6:3xF2:K1", "hcn:n6:3xF2:K2", "idn:n4:K2"],
         },
+        "quickstart-llama": {
+            **quickstart, **named("quickstart-llama"), "model.config.family": "llama", "model.config.smear": False,
+            "model.config.backout": False, "model.config.intermediate_size": 352, "model.config.rope_base": 10000.0,
+            "model.config.tie_embeddings": True, "model.config.pad_vocab_to": 1, "model.config.logit_softcap": None,
+            "model.regularizer.lambda_idn": 0.0, "model.regularizer.lambda_hcn": 0.0, "model.regularizer.lambda_diag": 0.0,
+            "model.optim.embedding_lr": 0.01, "model.optim.unembedding_lr": 0.01, "model.optim.scalar_lr": 0.01,
+        },
+        "finetune-hf": {  # its model comes from --model.init_from
+            **quickstart, **named("finetune-hf"), "trainer.max_steps": 100, "trainer.val_check_interval": 100,
+            "model.regularizer.warmup_fraction": 0.0, "model.optim.optimizer": "adamw", "model.optim.matrix_lr": 0.001,
+            "model.optim.embedding_lr": 0.001, "model.optim.unembedding_lr": 0.001, "model.optim.scalar_lr": 0.001,
+            "model.optim.warmup_steps": 10, "model.optim.warmdown_ratio": 0.5, "model.optim.final_lr_frac": 0.1,
+        },
         "paper-0.5b": paper,
         "paper-0.5b-plain": {
             **paper, **named("paper-0.5b-plain"), "model.config.no_x0_resid": True, "model.config.no_ve": True,
@@ -210,7 +225,8 @@ def test_run_resolves_to_its_settings(run, defaults):
     wrong = {k: (resolved[k], expected[k]) for k in expected if resolved[k] != expected[k]}
     assert not wrong, f"{run}: {wrong}"
     model = {k.removeprefix("model.config."): v for k, v in resolved.items() if k.startswith("model.config.")}
-    assert ModelConfig(**model) == ModelConfig.from_name(run.removesuffix("-baseline"))
+    named_model = "quickstart" if run == "finetune-hf" else run.removesuffix("-baseline")  # finetune: replaced by init_from
+    assert ModelConfig(**model) == ModelConfig.from_name(named_model)
 
 
 # -- the authors' recipe -----------------------------------------------------------------------------
@@ -282,7 +298,7 @@ def test_from_name_presets_sizes_and_overrides():
 
 
 def test_from_name_errors_name_the_value_and_the_choices():
-    with pytest.raises(ConfigError, match=r"^unknown model name 'paper-1b'; allowed: \['mhc', .*'paper-0\.5b', .*'quickstart-mhc'\]$"):
+    with pytest.raises(ConfigError, match=r"^unknown model name 'paper-1b'; allowed: \['llama', 'mhc', .*'paper-0\.5b', .*'quickstart-mhc'\]$"):
         ModelConfig.from_name("paper-1b")
     with pytest.raises(ConfigError, match=r"unknown ModelConfig field\(s\) \['layers'\]"):
         ModelConfig.from_name("plain", layers=4)
