@@ -243,7 +243,9 @@ def _shell_copy(model: GPT, device, dtype) -> GPT:
         for name, module in removed.items():
             setattr(model, name, module)
     shell = shell.to(device=device, dtype=dtype).eval()
-    shell.rope_cos, shell.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)  # keep float32 tables
+    for name, table in model.named_buffers():  # keep the float32 RoPE tables (Gemma 3 has a second pair)
+        if name.startswith("rope_"):
+            setattr(shell, name, table.to(device))
     for p in shell.parameters():
         p.requires_grad_(False)
     return shell

@@ -361,8 +361,8 @@ def hf_config_fields(raw: Mapping) -> dict:
         value = raw.get(key)
         if (value is not None or key in _HF_SIZES) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{key}={value!r} is not allowed: must be a positive integer")
-    act = raw.get("hidden_activation", raw.get("hidden_act")) if family == "gemma3" else raw.get("hidden_act", "silu")
-    want_act = "gelu_pytorch_tanh" if family == "gemma3" else "silu"
+    want_act = "gelu_pytorch_tanh" if family == "gemma3" else "silu"  # transformers' defaults
+    act = (raw.get("hidden_activation") or raw.get("hidden_act", want_act)) if family == "gemma3" else raw.get("hidden_act", want_act)
     if act != want_act:
         raise ConfigError(f"hidden_act={act!r} is not supported for {model_type}: only {want_act!r}")
     if raw.get("attn_logit_softcapping") is not None:

@@ -24,13 +24,16 @@ from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from . import compat
+from .models.llama import DecoderLayer
 from .models.nanochat import Block
+
+BLOCK_TYPES = {Block, DecoderLayer}  # every family's block module (mHC's blocks subclass Block)
 
 
 class BlockFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy (torch FSDP1) with SNLP's settings.
 
-    - ``auto_wrap_policy={Block}``: one FSDP unit per Transformer block; embeddings, head and the
+    - ``auto_wrap_policy=BLOCK_TYPES``: one FSDP unit per Transformer block of any family; embeddings, head and the
       per-layer scalars live in the root unit (whole during every training / validation step).
     - ``use_orig_params=True``: the optimizer's per-parameter groups (nanochat's learning rates) and
       the frozen parameters kept for nanochat's state-dict layout need the original parameters.
@@ -47,7 +50,7 @@ class BlockFSDPStrategy(FSDPStrategy):
     """
 
     def __init__(self, state_dict_type: str = "full", **kwargs: Any):
-        kwargs.setdefault("auto_wrap_policy", {Block})
+        kwargs.setdefault("auto_wrap_policy", BLOCK_TYPES)
         kwargs.setdefault("use_orig_params", True)
         compat.check_fsdp_strategy_hooks()  # _setup_model below overrides a private hook
         super().__init__(state_dict_type=state_dict_type, **kwargs)
