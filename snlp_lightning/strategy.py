@@ -24,10 +24,9 @@ from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from . import compat
-from .models.llama import DecoderLayer
-from .models.nanochat import Block
+from .models import FAMILIES
 
-BLOCK_TYPES = {Block, DecoderLayer}  # every family's block module (mHC's blocks subclass Block)
+BLOCK_TYPES = {family.block_type for family in FAMILIES.values()}  # every family's block module
 
 
 class BlockFSDPStrategy(FSDPStrategy):

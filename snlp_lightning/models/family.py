@@ -72,9 +72,11 @@ class GroupStack:
 
 
 class FamilyModel(nn.Module):
-    """The sequential model over the family interface: ``embed``, ``block``, ``hidden``, ``logits``."""
+    """The sequential model over the family interface: ``embed``, ``block``, ``hidden``, ``logits``.
+    ``block_type``: the module class of one block (FSDP wraps one unit per block)."""
 
     config: ModelConfig
+    block_type: type[nn.Module]
 
     @property
     def backout_layer(self) -> int:

@@ -344,6 +344,8 @@ class DecoderStack(GroupStack):
 class Llama(FamilyModel):
     """A Llama / Qwen2 / Gemma 3 text model (``config.family``) on the family interface."""
 
+    block_type = DecoderLayer
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not config.is_hf:
@@ -353,7 +355,7 @@ class Llama(FamilyModel):
         vocab, d = cfg.padded_vocab_size, cfg.n_embd
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(vocab, d),
-            "h": nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.n_layer)]),
+            "h": nn.ModuleList([self.block_type(cfg, i) for i in range(cfg.n_layer)]),
             "ln_f": RMSNorm(d),
         })
         self.lm_head = nn.Linear(d, vocab, bias=False)
