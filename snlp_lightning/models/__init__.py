@@ -9,7 +9,9 @@ export and the metrics use, and nothing else:
     blocks.write_cache(x, inputs, cache)       -> the k, v of inputs x into a KV cache
     logits = model.head(h_last, h_backout)
 
-A new family adds its file and one line to ``FAMILIES``.
+A new family adds its file and one line to ``FAMILIES`` (plus, if its architecture has knobs no
+family had before, their fields in ``ModelConfig``). ``ModelConfig.family`` picks the entry:
+nanochat (mHC when ``use_mhc``), or one of the Hugging Face families of ``llama.py``.
 """
 
 from __future__ import annotations
