@@ -13,8 +13,8 @@ $SNLP_CACHE_DIR / ~/.cache/snlp, keyed by checkpoint file, plan, dtype, device a
 The default (``auto``): CUDA -> compile; CPU -> aot when a current package is already cached, else
 eager (a one-off 64-token generation would wait ~40 s for a build that saves milliseconds).
 
-A row ends at the end-of-document token ``<|bos|>`` (``--no-stop`` goes on); special tokens are
-never printed.
+A row ends at the end token (``--no-stop`` goes on): nanochat's end-of-document ``<|bos|>``, or a
+Hugging Face model's EOS (``text.eos_id_near``); special tokens are never printed.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None,
                    help="where --runtime aot keeps built packages (default $SNLP_CACHE_DIR or ~/.cache/snlp; checkpoint only)")
     p.add_argument("--no-stop", action="store_true",
-                   help="go on after the end-of-document token <|bos|> (default: a prompt's text ends there)")
+                   help="go on after the end token (<|bos|>, or a Hugging Face model's EOS; default: a row ends there)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the checkpoint was trained with)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64 (checkpoint only; default float32)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (checkpoint only; default cpu)")
@@ -117,7 +117,7 @@ def _run_checkpoint(args) -> int:
     codec = TextCodec(args.tokenizer or tokenizer or "")
     limit = check_tokenizer_size(codec.size, model.config.vocab_size, codec)
     prompts = [codec.encode(p) for p in args.prompt]
-    stop = None if args.no_stop else codec.bos
+    stop = None if args.no_stop else codec.stop
     decoder = LayerParallelDecoder(model, args.plan or "seq", batch_size=len(prompts), max_seq_len=args.max_seq_len,
                                    dtype=dtype, device=device)
     runtime, package = _choose_runtime(requested, decoder, check_checkpoint_path(args.checkpoint), args.cache_dir, draft_len)

@@ -39,7 +39,7 @@ PROG = "snlp-export"
 FORMAT = "snlp-export/1"
 RUNTIME_FILES = ("__init__.py", "runtime.py", "text.py", "standalone.py")
 # Everything a package folder holds: --overwrite replaces only a folder with nothing else in it.
-PACKAGE_ENTRIES = ("model.pt2", "manifest.json", "tokenizer.json", "snlp_runtime", "generate.py")
+PACKAGE_ENTRIES = ("model.pt2", "manifest.json", "tokenizer.json", "generation_config.json", "snlp_runtime", "generate.py")
 LAUNCHER = '''"""Generate text with this exported package: python generate.py --prompt "Once upon a time"."""
 import sys
 from pathlib import Path
@@ -134,6 +134,8 @@ def export_package(
         package_aoti(str(staging / "model.pt2"), files)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staging / "tokenizer.json")
+            if (tokenizer.parent / "generation_config.json").is_file():  # a Hugging Face model's EOS (text.eos_id_near)
+                shutil.copyfile(tokenizer.parent / "generation_config.json", staging / "generation_config.json")
         runtime = staging / "snlp_runtime"
         runtime.mkdir()
         here = Path(__file__).parent

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--print-tokens", action="store_true", help="also print the new token ids (one line per prompt)")
     p.add_argument("--no-stop", action="store_true",
-                   help="go on after the end-of-document token <|bos|> (default: a prompt's text ends there)")
+                   help="go on after the end token (<|bos|>, or a Hugging Face model's EOS; default: a row ends there)")
     args = p.parse_args(argv)
     # This file runs without the training code, so it has its own copy of the commands' error policy:
     # bad input is one line and exit code 2, a failed read or write one line and exit code 1.
@@ -217,7 +217,7 @@ def generate_text(args) -> tuple:
     with torch.inference_mode():
         new = package.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                seed=args.seed, on_tokens=Streamer(codec), vocab_limit=limit,
-                               stop_token=None if getattr(args, "no_stop", False) else codec.bos)
+                               stop_token=None if getattr(args, "no_stop", False) else codec.stop)
     return codec, new, time.perf_counter() - start, package.manifest["plan"]
 
 

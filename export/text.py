@@ -15,7 +15,8 @@ class TokenizerError(ValueError):
 
 
 class TextCodec:
-    """Encodes prompts (BOS first) and streams decoded text as tokens arrive."""
+    """Encodes prompts (BOS first) and decodes ids; ``stop``: the token a generated row ends at
+    (nanochat's <|bos|>, a Hugging Face model's EOS, or None)."""
 
     def __init__(self, tokenizer_path: str | Path):
         from tokenizers import Tokenizer
@@ -35,9 +36,12 @@ class TextCodec:
         except Exception as err:  # the tokenizers library raises its own exception types for bad files
             raise TokenizerError(f"tokenizer {path} is not a tokenizers JSON file ({_first_line(err)})") from None
         self.path = path
+        # nanochat's tokenizer: <|bos|> starts every prompt and ends a document (generation stops
+        # there). A Hugging Face model's tokenizer: its own template adds what the model expects
+        # (BOS for Llama and Gemma, nothing for Qwen), and generation stops at the model's
+        # end-of-sequence token, read from the files beside the tokenizer.
         self.bos = self.tokenizer.token_to_id(BOS_TOKEN)
-        if self.bos is None:
-            raise TokenizerError(f"tokenizer {path} has no {BOS_TOKEN} token")
+        self.stop = self.bos if self.bos is not None else eos_id_near(path.parent, self.tokenizer)
         # One past the largest id (ids need not be contiguous): the vocabulary the model must cover.
         self.size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
@@ -50,6 +54,8 @@ class TextCodec:
             except UnicodeEncodeError:
                 shown = ascii(text)
             raise TokenizerError(f"prompt {shown[:80]} is not valid UTF-8 text") from None
+        if self.bos is None:
+            return self.tokenizer.encode(text, add_special_tokens=True).ids
         return [self.bos] + self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -59,6 +65,27 @@ class TextCodec:
 
     def __str__(self) -> str:
         return f"tokenizer {self.path}"
+
+
+def eos_id_near(folder: Path, tokenizer) -> int | None:
+    """A Hugging Face folder's end-of-sequence id: generation_config.json's eos_token_id, else
+    config.json's (the first of a list), else tokenizer_config.json's eos_token; None if none says."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((folder / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    try:
+        token = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    token = token.get("content") if isinstance(token, dict) else token
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
 def _first_line(err: BaseException) -> str:

@@ -383,3 +383,49 @@ def test_every_family_block_is_an_fsdp_unit():
         with torch.device("meta"):
             model = FAMILIES[family](config)
         assert isinstance(model.transformer.h[0], tuple(BLOCK_TYPES)), family
+
+
+def _hf_tokenizer_folder(folder, eos_in: str):
+    """A word-level tokenizer.json in Hugging Face's style (no <|bos|>; its template prepends <s>),
+    with the EOS id </s> = 0 stated in ``eos_in``: generation_config.json or tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"</s>": 0, "<s>": 1, "<unk>": 2, "hello": 3, "world": 4, "again": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["</s>", "<s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    if eos_in == "generation_config.json":
+        (folder / eos_in).write_text(json.dumps({"eos_token_id": [0, 5]}))
+    else:
+        (folder / eos_in).write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    return folder
+
+
+@pytest.mark.parametrize("eos_in", ["generation_config.json", "tokenizer_config.json"])
+def test_hugging_face_tokenizer_prompts_and_stop(tmp_path, eos_in):
+    from export.text import TextCodec
+
+    codec = TextCodec(_hf_tokenizer_folder(tmp_path, eos_in) / "tokenizer.json")
+    assert codec.encode("hello world") == [1, 3, 4]  # the tokenizer's own template adds <s>
+    assert codec.stop == 0 and codec.decode([1, 3, 0]) == "hello"
+
+
+def test_generate_with_a_hugging_face_tokenizer_stops_at_eos(tmp_path):
+    """snlp generate on an HF folder whose tokenizer has no <|bos|>: a model whose final-norm gain
+    is 0 gives all-zero logits, so greedy decoding emits id 0 = </s> at once and the row ends."""
+    from cli_helpers import snlp
+
+    kw = {**CONFIGS["llama"], "vocab_size": 8}
+    config = transformers.AutoConfig.for_model(kw.pop("model_type"), **kw)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        hf.model.norm.weight.zero_()
+    hf.save_pretrained(tmp_path / "model")  # first: it writes a generation_config.json of its own
+    folder = _hf_tokenizer_folder(tmp_path / "model", "generation_config.json")
+    done = snlp("generate", "--checkpoint", f"hf:{folder}", "--prompt", "hello world", "--max-new-tokens", "6", cwd=tmp_path)
+    assert "[1 tokens" in done.stderr, done.stderr
+    more = snlp("generate", "--checkpoint", f"hf:{folder}", "--prompt", "hello world", "--max-new-tokens", "6", "--no-stop", cwd=tmp_path)
+    assert "[6 tokens" in more.stderr, more.stderr
