@@ -178,5 +178,5 @@ def test_bad_config_is_a_clear_error(overrides, message):
 
 
 def test_unknown_preset_lists_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"unknown preset 'tiny'; allowed: \['mhc', 'mhc-dynamic', 'nanochat', 'plain'\]"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'tiny'; allowed: \['llama', 'mhc', 'mhc-dynamic', 'nanochat', 'plain'\]"):
         make_config("tiny")
