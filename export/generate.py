@@ -39,7 +39,7 @@ def generate_tokens(
 ) -> list[list[int]]:
     """New tokens per prompt, decoded with the decoder's plan (one decode step per token); only ids
     below ``vocab_limit`` when given (a tokenizer smaller than the model's vocabulary). With
-    ``stop_token`` (the end-of-document token, e.g. ``TextCodec.bos``) a row ends at it (kept as
+    ``stop_token`` (the end token, e.g. ``TextCodec.stop``) a row ends at it (kept as
     its last id); None generates ``max_new_tokens`` per row."""
     fns = _steps(decoder, steps)
     return generate(

@@ -224,6 +224,17 @@ def test_kv_cached_decode_equals_transformers_greedy(pair):
             logits = decoder.decode(nxt[:, None], torch.tensor([[pos]]), last)
             last, pos = nxt, pos + 1
         assert out == expected.tolist(), plan
+    # Self-speculative decoding (a K = 1 draft, verified by the exact model) and a batch of two
+    # prompts at different lengths (per-row positions) give transformers' greedy tokens too.
+    from export.generate import generate_tokens, speculative_tokens
+
+    drafter = LayerParallelDecoder(ours, f"idn:n{n // 2}:K1", batch_size=2, max_seq_len=32, dtype=torch.float64)
+    short = prompt[0, 2:].tolist()
+    other = hf.generate(prompt[:, 2:], max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=0)[0, 5:]
+    spec, _ = speculative_tokens(drafter, [prompt[0].tolist(), short], new, draft_len=3)
+    assert spec == [expected.tolist(), other.tolist()]
+    sequential = LayerParallelDecoder(ours, "seq", batch_size=2, max_seq_len=32, dtype=torch.float64)
+    assert generate_tokens(sequential, [prompt[0].tolist(), short], new) == [expected.tolist(), other.tolist()]
 
 
 # -- folders --------------------------------------------------------------------------------------
